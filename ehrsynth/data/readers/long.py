@@ -1,0 +1,97 @@
+"""Long format: one row per code, with user-named patient, visit, code and optional time columns.
+
+This is the door for any source ehrsynth does not know. ``visit`` may be a visit id or a timestamp; when it is
+a timestamp (a Datetime column, or strings that all parse as dates) it also gives the visit time. Columns
+named ``sex``, ``birth_year``, ``age_at_first_visit``, ``death`` and ``label:<name>`` are read as per-patient
+attributes when present (the long writer emits them, so a written corpus reads back whole).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from ehrsynth.data.build import LABEL_PREFIX, BuildOptions, build_corpus
+from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.tables import ROW, clean_code, parse_datetime, read_table, table_columns
+from ehrsynth.errors import ParseError
+
+STATIC_COLUMNS = ("sex", "birth_year", "age_at_first_visit", "death")
+
+
+def read_long(
+    path: str | Path,
+    *,
+    patient: str = "patient",
+    visit: str = "visit",
+    code: str = "code",
+    time: str | None = None,
+    code_system: str | None = None,
+    options: BuildOptions | None = None,
+) -> PatientCorpus:
+    """Read a long CSV/CSV.gz/Parquet table into a corpus.
+
+    Args:
+        path: the table.
+        patient, visit, code: column names.
+        time: optional column with the event time; otherwise a timestamp-valued ``visit`` gives it.
+        code_system: prefix added as ``SYSTEM/`` to codes that carry none (e.g. ``'ICD10CM'``).
+        options: corpus build options.
+
+    Raises:
+        InputError: for a missing file or column, an empty table, a bad date or a non-UTF-8 byte.
+    """
+    path = Path(path)
+    header_columns = table_columns(path) if path.is_file() else []
+    statics = [c for c in header_columns if c.lower() in STATIC_COLUMNS or c.lower().startswith(LABEL_PREFIX)]
+    required = [patient, visit, code] + ([time] if time else [])
+    frame = read_table(path, required, optional=statics)
+    patient, visit, code = patient.lower(), visit.lower(), code.lower()
+    frame = frame.with_columns(clean_code(frame[code]).alias(code))
+    _check_not_blank(frame, patient, path)
+    _check_not_blank(frame, visit, path)
+    if code_system:
+        frame = frame.with_columns(
+            pl.when(pl.col(code).str.contains("/", literal=True)).then(pl.col(code))
+            .otherwise(pl.lit(f"{code_system}/") + pl.col(code)).alias(code)
+        )
+    if time:
+        event_time = parse_datetime(frame, time.lower(), path)
+    elif _looks_like_time(frame[visit]):
+        event_time = parse_datetime(frame, visit, path)
+    else:
+        event_time = pl.Series("time", [None] * frame.height, dtype=pl.Datetime("us"))
+    events = pl.DataFrame({
+        "patient": frame[patient], "visit": frame[visit], "time": event_time, "code": frame[code],
+        "order": frame[ROW].cast(pl.Int64),
+    })
+    patients = None
+    if statics:
+        lowered = [c.lower() for c in statics]
+        patients = frame.select(pl.col(patient).alias("patient"), *lowered).unique("patient", keep="first")
+        patients = patients.rename({"age_at_first_visit": "age"} if "age_at_first_visit" in lowered else {})
+        patients = patients.with_columns(
+            [pl.col(c).cast(pl.Float64, strict=False) for c in patients.columns if c not in ("patient", "sex")]
+        )
+    return build_corpus(events, patients, options, source=f"long:{path.name}")
+
+
+def _check_not_blank(frame: pl.DataFrame, column: str, path: Path) -> None:
+    blank = frame[column].is_null()
+    if frame[column].dtype == pl.String:
+        blank = blank | (frame[column].str.strip_chars() == "")
+    if blank.any():
+        row = int(frame[ROW][int(blank.arg_true()[0])])
+        raise ParseError("blank identifier", file=path, column=column, row=row)
+
+
+def _looks_like_time(series: pl.Series) -> bool:
+    if series.dtype == pl.Date or isinstance(series.dtype, pl.Datetime):
+        return True
+    if series.dtype != pl.String:
+        return False
+    head = series.drop_nulls().head(1000)
+    if head.len() == 0 or not head.str.contains(r"^\d{4}-\d{2}-\d{2}").all():
+        return False
+    return True

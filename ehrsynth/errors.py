@@ -1,0 +1,70 @@
+"""The project's own exceptions.
+
+Every user-facing failure is one of these, so the CLI can print a single line and exit 2 instead of a
+traceback. Messages name the file, column and first bad row (1-based data row, header excluded), and show
+the bad value with ``repr`` -- never a whole patient row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class EhrsynthError(Exception):
+    """Base class for every error the project raises on purpose."""
+
+
+class InputError(EhrsynthError):
+    """Bad user input: a file, table, column or value that cannot be used.
+
+    Args:
+        message: what is wrong, in one line.
+        file: the file (or directory) the problem is in.
+        column: the column, if one is to blame.
+        row: the first bad data row, 1-based, header excluded.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        column: str | None = None,
+        row: int | None = None,
+    ) -> None:
+        self.file = None if file is None else str(file)
+        self.column = column
+        self.row = row
+        self.reason = message
+        where = []
+        if self.file is not None:
+            where.append(self.file)
+        if column is not None:
+            where.append(f"column {column!r}")
+        if row is not None:
+            where.append(f"row {row}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+
+class MissingFileError(InputError):
+    """A required input file or directory does not exist."""
+
+
+class MissingColumnError(InputError):
+    """A required column is absent from a table."""
+
+
+class EmptyTableError(InputError):
+    """A table has a header but no data rows (or nothing survives filtering)."""
+
+
+class ParseError(InputError):
+    """A value (date, number, byte sequence) cannot be parsed."""
+
+
+class ConfigError(EhrsynthError):
+    """An invalid parameter or configuration value. The message names the parameter."""
+
+
+class NotFittedError(EhrsynthError):
+    """A model was asked to sample or score before it was trained or loaded."""

@@ -1,0 +1,89 @@
+"""The contract every generative model of ehrsynth meets, so one training loop, one save/load, one
+``ehrsynth generate`` and one contract test suite serve them all.
+
+A model is an ``nn.Module`` subclass of :class:`GenerativeModel` that
+
+* is built from a frozen config dataclass plus a :class:`CorpusMeta` (what it must know of the training corpus:
+  the vocabulary, the label names, and model-specific JSON-able facts such as gap bins or sigma_data);
+* turns a batch of corpus patients into tensors (:meth:`GenerativeModel.collate`, vectorised, CPU tensors);
+* returns the scalar training loss from ``forward(batch)`` (so DDP can wrap it unchanged);
+* generates a :class:`~ehrsynth.data.corpus.PatientCorpus` from a seed (:meth:`GenerativeModel.generate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ehrsynth.data.corpus import PatientCorpus
+
+
+@dataclass(frozen=True)
+class CorpusMeta:
+    """What a model keeps of its training corpus: never patient rows, only the vocabulary and aggregates.
+
+    Attributes:
+        codes: the typed vocabulary; code id i is ``codes[i]``.
+        label_names: names of the corpus labels.
+        extra: model-specific JSON-able facts (e.g. HALO's gap bin edges, EHRDiff's sigma_data).
+    """
+
+    codes: tuple[str, ...]
+    label_names: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_corpus(cls, corpus: PatientCorpus, **extra: Any) -> CorpusMeta:
+        return cls(codes=tuple(corpus.vocab.codes), label_names=tuple(corpus.label_names), extra=dict(extra))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"codes": list(self.codes), "label_names": list(self.label_names), "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CorpusMeta:
+        return cls(codes=tuple(data["codes"]), label_names=tuple(data["label_names"]), extra=dict(data["extra"]))
+
+
+class GenerativeModel(nn.Module):
+    """Base class of HALO, EHRDiff and any later model. Subclasses set ``family`` and ``config_class``."""
+
+    family: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+
+    def __init__(self, config: Any, meta: CorpusMeta) -> None:
+        super().__init__()
+        self.config = config
+        self.meta = meta
+
+    @classmethod
+    def from_corpus(cls, corpus: PatientCorpus, config: Any) -> GenerativeModel:
+        """Build an untrained model for ``corpus`` (computes the meta facts the model needs)."""
+        return cls(config, CorpusMeta.from_corpus(corpus))
+
+    def collate(self, corpus: PatientCorpus, patients: np.ndarray) -> dict[str, torch.Tensor]:
+        """Tensors for the patients ``patients`` (indices into ``corpus``), on the CPU."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: D401
+        """The scalar mean training loss of a batch."""
+        raise NotImplementedError
+
+    def generate(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        conditions: dict[str, str] | None = None,
+        batch_size: int = 256,
+        progress: bool = False,
+    ) -> PatientCorpus:
+        """Sample ``n`` synthetic patients. Patient i depends only on (seed, i), never on ``batch_size``."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
