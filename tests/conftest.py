@@ -1,0 +1,24 @@
+"""Shared fixtures: the real extracts in ../shared/data (override with EHRSYNTH_DATA)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DATA = Path(os.environ.get("EHRSYNTH_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        raise FileNotFoundError(f"test data not found at {DATA}; set EHRSYNTH_DATA")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def mimic3_corpus(data_dir):
+    from ehrsynth.data.readers.mimic3 import read_mimic3
+
+    return read_mimic3(data_dir / "mimic-iii-demo")
