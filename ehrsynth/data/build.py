@@ -77,115 +77,126 @@ def build_corpus(
 ) -> PatientCorpus:
     """Build a corpus from tidy ``events`` (and optional ``patients``), see the module docstring.
 
+    Polars does the keyed work (distinct codes, visit keys, the patient join); everything per event runs on
+    int arrays in numpy, so memory stays a few bytes per event.
+
     Raises:
         EmptyTableError: when no patient with a code is left.
     """
     options = options or BuildOptions()
     stats: dict[str, object] = {"source": source, "options": _jsonable(asdict(options)), "input_rows": events.height}
-    if "order" not in events.columns:
-        events = events.with_row_index("order")
-    events = events.select(
-        "patient", "visit", pl.col("time").cast(pl.Datetime("us")), pl.col("code").cast(pl.String),
-        pl.col("order").cast(pl.Int64),
-    )
+    order = (events["order"] if "order" in events.columns else pl.int_range(events.height, eager=True))
+    ev_order = order.cast(pl.Int64).fill_null(0).to_numpy()
 
-    # ---- codes: roll-up, system filter, de-duplication, minimum count -------------------------------------
+    # ---- codes: roll-up and system filter run on the distinct codes only; events carry int ids (-1: none) --
+    raw_codes = events["code"].cast(pl.String).drop_nulls().unique(maintain_order=True)
+    mapped = pl.DataFrame({"code": raw_codes})
     if options.icd9_rollup:
-        events = events.with_columns(icd9_rollup_expr(pl.col("code")).alias("code"))
+        mapped = mapped.with_columns(icd9_rollup_expr(pl.col("code")).alias("code"))
     if options.systems is not None:
         keep = pl.col("code").str.split_exact("/", 1).struct.field("field_0").is_in(list(options.systems))
-        stats["events_other_systems"] = int(events.select((pl.col("code").is_not_null() & ~keep).sum()).item())
-        events = events.with_columns(pl.when(keep).then(pl.col("code")).otherwise(None).alias("code"))
-    before = events.height
-    events = events.sort("order").unique(["patient", "visit", "code"], keep="first", maintain_order=True)
-    stats["duplicate_events"] = before - events.height
-    coded = events.filter(pl.col("code").is_not_null())
-    code_counts = coded.group_by("code").len("count")
-    rare = code_counts.filter(pl.col("count") < options.min_count)
-    stats["codes_below_min_count"] = rare.height
-    stats["events_below_min_count"] = int(rare["count"].sum())
-    if rare.height:
-        events = events.with_columns(
-            pl.when(pl.col("code").is_in(rare["code"].implode())).then(None).otherwise(pl.col("code")).alias("code")
-        )
+        mapped = mapped.with_columns(pl.when(keep).then(pl.col("code")).otherwise(None).alias("code"))
+    code_names = mapped["code"].drop_nulls().unique(maintain_order=True)
+    raw_to_code = np.full(len(raw_codes) + 1, -1, dtype=np.int32)  # last slot: a null code
+    raw_to_code[: len(raw_codes)] = mapped["code"].cast(pl.Enum(code_names)).to_physical().fill_null(-1).to_numpy()
+    raw_ids = events["code"].cast(pl.String).cast(pl.Enum(raw_codes)).to_physical().cast(pl.Int64)
+    ev_code = raw_to_code[raw_ids.fill_null(len(raw_codes)).to_numpy()]
+    if options.systems is not None:
+        stats["events_other_systems"] = int(((ev_code < 0) & raw_ids.is_not_null().to_numpy()).sum())
+    del raw_ids
 
-    # ---- visits: order in time, cap codes per visit, handle empty visits ----------------------------------
-    visits = events.group_by("patient", "visit").agg(
-        pl.col("time").min(), pl.col("code").is_not_null().sum().alias("n_codes")
-    )
+    # ---- visits: one row per (patient, visit) key, ordered by patient then time -----------------------------
+    keys = events.select("patient", "visit", pl.col("time").cast(pl.Datetime("us")))
+    visits = keys.group_by("patient", "visit").agg(pl.col("time").min())
+    if patients is not None:  # patients with no event at all get a key-less visit, empty by construction
+        listed = patients.select(pl.col("patient").cast(visits["patient"].dtype, strict=False)).unique()
+        absent = listed.join(visits.select("patient").unique(), on="patient", how="anti")
+        visits = pl.concat([visits, absent.with_columns(pl.lit(None).cast(visits["visit"].dtype).alias("visit"),
+                                                        pl.lit(None, dtype=pl.Datetime("us")).alias("time"))])
+    visits = visits.sort("patient", "time", "visit", nulls_last=True).with_row_index("visit_idx")
+    ev_visit = keys.select("patient", "visit").join(
+        visits.select("patient", "visit", "visit_idx"), on=["patient", "visit"], how="left", maintain_order="left"
+    )["visit_idx"].to_numpy().astype(np.int64)
+    del keys
+    visit_key_patient = visits["patient"].rank("dense").cast(pl.Int64).to_numpy() - 1  # (V0,)
+    n_visits0 = visits.height
+
+    # ---- events: drop null codes, de-duplicate (visit, code) keeping source order, minimum count ----------
+    coded = ev_code >= 0
+    ev_visit, ev_code, ev_order = ev_visit[coded], ev_code[coded], ev_order[coded]
+    by_visit_code = np.lexsort((ev_order, ev_code, ev_visit))
+    ev_visit, ev_code, ev_order = ev_visit[by_visit_code], ev_code[by_visit_code], ev_order[by_visit_code]
+    first = np.ones(len(ev_code), dtype=bool)
+    first[1:] = (ev_visit[1:] != ev_visit[:-1]) | (ev_code[1:] != ev_code[:-1])
+    stats["duplicate_events"] = int((~first).sum())
+    ev_visit, ev_code, ev_order = ev_visit[first], ev_code[first], ev_order[first]
+    code_counts = np.bincount(ev_code, minlength=len(code_names))
+    rare = (code_counts > 0) & (code_counts < options.min_count)
+    stats["codes_below_min_count"] = int(rare.sum())
+    stats["events_below_min_count"] = int(code_counts[rare].sum())
+    common = ~rare[ev_code]
+    ev_visit, ev_code, ev_order = ev_visit[common], ev_code[common], ev_order[common]
     if options.max_codes_per_visit is not None:
-        coded = events.filter(pl.col("code").is_not_null())
-        rank = pl.col("order").rank("ordinal").over("patient", "visit")
-        capped = coded.filter(rank <= options.max_codes_per_visit)
-        stats["codes_over_visit_cap"] = coded.height - capped.height
-        events = pl.concat([capped, events.filter(pl.col("code").is_null())])
-    empty_visits = visits.filter(pl.col("n_codes") == 0)
-    stats["empty_visits"] = empty_visits.height
-    if options.empty == "drop":
-        visits = visits.filter(pl.col("n_codes") > 0)
-    visits = visits.sort("patient", "time", "visit", nulls_last=True)
-    visits = visits.with_columns(pl.int_range(pl.len()).over("patient").alias("rank"),
-                                 pl.len().over("patient").alias("n_visits"))
+        by_order = np.lexsort((ev_order, ev_visit))
+        rank = _rank_within_runs(ev_visit[by_order])
+        keep_code = np.empty(len(ev_code), dtype=bool)
+        keep_code[by_order] = rank < options.max_codes_per_visit
+        stats["codes_over_visit_cap"] = int((~keep_code).sum())
+        ev_visit, ev_code = ev_visit[keep_code], ev_code[keep_code]
+
+    # ---- visits: empty ones dropped or kept; cap on visits per patient --------------------------------------
+    codes_in_visit = np.bincount(ev_visit, minlength=n_visits0)
+    empty = codes_in_visit == 0
+    stats["empty_visits"] = int(empty.sum())
+    keep_visit = ~empty if options.empty == "drop" else np.ones(n_visits0, dtype=bool)
+    stats["patients_without_codes"] = int(len(np.unique(visit_key_patient))
+                                          - len(np.unique(visit_key_patient[~empty])))
     if options.max_visits is not None:
-        over = visits.filter(pl.col("n_visits") > options.max_visits)
-        stats["visits_over_cap"] = over.height - over["patient"].n_unique() * options.max_visits if over.height else 0
-        stats["patients_truncated"] = over["patient"].n_unique()
+        kept_ids = np.flatnonzero(keep_visit)
+        rank = _rank_within_runs(visit_key_patient[kept_ids])
+        n_in_patient = np.bincount(visit_key_patient[kept_ids])[visit_key_patient[kept_ids]]
         if options.keep_visits == "last":
-            visits = visits.filter(pl.col("rank") >= pl.col("n_visits") - options.max_visits)
+            survive = rank >= n_in_patient - options.max_visits
         else:
-            visits = visits.filter(pl.col("rank") < options.max_visits)
-
-    # ---- patients: union of event and patient-table ids; those without codes are dropped or kept ----------
-    all_patients = visits.select("patient").unique()
-    known_patients = events.select("patient").unique()
-    if patients is not None:
-        known_patients = pl.concat([known_patients, patients.select(pl.col("patient").cast(known_patients["patient"].dtype, strict=False))]).unique()
-    missing = known_patients.join(all_patients, on="patient", how="anti")
-    stats["patients_without_codes"] = missing.height
-    if options.empty == "keep" and missing.height:
-        visits = pl.concat([
-            visits,
-            missing.with_columns(
-                pl.lit(None, dtype=pl.String).cast(visits["visit"].dtype).alias("visit"),
-                pl.lit(None, dtype=pl.Datetime("us")).alias("time"),
-                pl.lit(0, dtype=visits["n_codes"].dtype).alias("n_codes"),
-                pl.lit(0, dtype=visits["rank"].dtype).alias("rank"),
-                pl.lit(1, dtype=visits["n_visits"].dtype).alias("n_visits"),
-            ).select(visits.columns),
-        ])
-    visits = visits.sort("patient", "time", "visit", nulls_last=True)
-    if visits.height == 0:
+            survive = rank < options.max_visits
+        stats["visits_over_cap"] = int((~survive).sum())
+        stats["patients_truncated"] = int(len(np.unique(visit_key_patient[kept_ids][~survive])))
+        keep_visit[kept_ids[~survive]] = False
+    if not keep_visit.any():
         raise EmptyTableError(f"no patient with a code remains after filtering ({source})")
-    visits = visits.with_columns(
-        pl.col("patient").rank("dense").cast(pl.Int64).sub(1).alias("patient_idx"),
-        pl.int_range(pl.len(), dtype=pl.Int64).alias("visit_idx"),
-    )
+    new_visit = np.cumsum(keep_visit) - 1
+    on_kept = keep_visit[ev_visit]
+    ev_visit, ev_code = new_visit[ev_visit[on_kept]], ev_code[on_kept]
+    visits = visits.filter(pl.Series(keep_visit))
+    patient_of_visit = visits["patient"].rank("dense").cast(pl.Int64).to_numpy() - 1
+    n_patients, n_visits = int(patient_of_visit.max()) + 1, visits.height
 
-    # ---- vocabulary (descending count) and code ids -------------------------------------------------------
-    kept = events.filter(pl.col("code").is_not_null()).join(
-        visits.select("patient", "visit", "visit_idx"), on=["patient", "visit"], how="inner", nulls_equal=False
-    )
-    vocab_frame = kept.group_by("code").len("count").sort(["count", "code"], descending=[True, False])
-    vocab = Vocabulary(tuple(vocab_frame["code"].to_list()), vocab_frame["count"].to_numpy().astype(np.int64))
-    ids = vocab_frame.with_row_index("code_id").select("code", pl.col("code_id").cast(pl.Int32))
-    kept = kept.join(ids, on="code", how="inner").select("visit_idx", "code_id").sort("visit_idx", "code_id")
-
-    # ---- CSR arrays ---------------------------------------------------------------------------------------
-    n_patients = int(visits["patient_idx"].max()) + 1
-    n_visits = visits.height
+    # ---- vocabulary (descending count, ties by code) and final code ids -------------------------------------
+    used_counts_all = np.bincount(ev_code, minlength=len(code_names))
+    used_ids = np.flatnonzero(used_counts_all)
+    used_counts = used_counts_all[used_ids].astype(np.int64)
+    used_names = np.array(code_names.to_list(), dtype=str)[used_ids] if len(used_ids) else np.array([], dtype=str)
+    by_count = np.lexsort((used_names, -used_counts))
+    vocab = Vocabulary(tuple(used_names[by_count].tolist()), used_counts[by_count])
+    remap = np.full(max(len(code_names), 1), -1, dtype=np.int32)
+    remap[used_ids[by_count]] = np.arange(len(by_count), dtype=np.int32)
+    ev_code = remap[ev_code]
+    csr_order = np.lexsort((ev_code, ev_visit))
+    codes = ev_code[csr_order].astype(np.int32)
     visit_offsets = np.zeros(n_patients + 1, dtype=np.int64)
-    np.cumsum(np.bincount(visits["patient_idx"].to_numpy(), minlength=n_patients), out=visit_offsets[1:])
+    np.cumsum(np.bincount(patient_of_visit, minlength=n_patients), out=visit_offsets[1:])
     code_offsets = np.zeros(n_visits + 1, dtype=np.int64)
-    np.cumsum(np.bincount(kept["visit_idx"].to_numpy(), minlength=n_visits), out=code_offsets[1:])
-    codes = kept["code_id"].to_numpy().astype(np.int32)
+    np.cumsum(np.bincount(ev_visit, minlength=n_visits), out=code_offsets[1:])
+    del ev_visit, ev_code, csr_order
 
-    times = visits["time"]
+    # ---- times ---------------------------------------------------------------------------------------------
+    visits = visits.with_columns(pl.Series("patient_idx", patient_of_visit))
     first_time = visits.select(pl.col("time").min().over("patient_idx")).to_series()
-    visit_days = ((times - first_time).dt.total_microseconds() / 86_400e6).to_numpy().astype(np.float64)
+    visit_days = ((visits["time"] - first_time).dt.total_microseconds() / 86_400e6).to_numpy().astype(np.float64)
     visit_days = np.where(np.isfinite(visit_days), visit_days, np.nan)
-    visit_start = times.cast(pl.Datetime("us")).to_numpy().astype("datetime64[s]")
+    visit_start = visits["time"].to_numpy().astype("datetime64[s]")
 
-    # ---- per-patient statics and labels -------------------------------------------------------------------
+    # ---- per-patient statics and labels ---------------------------------------------------------------------
     roster = visits.group_by("patient_idx", maintain_order=True).agg(pl.col("patient").first(),
                                                                      pl.col("time").min().alias("first_time"))
     statics = _statics(roster, patients)
@@ -213,6 +224,17 @@ def build_corpus(
         split=random_split(n_patients, options.split, seed=options.seed),
         stats=stats,
     )
+
+
+def _rank_within_runs(sorted_keys: np.ndarray) -> np.ndarray:
+    """0-based position of each element within its run of equal consecutive keys."""
+    n = len(sorted_keys)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    return np.arange(n) - run_start
 
 
 def _statics(roster: pl.DataFrame, patients: pl.DataFrame | None) -> pl.DataFrame:

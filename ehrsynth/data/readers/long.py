@@ -74,6 +74,7 @@ def read_long(
         patients = patients.with_columns(
             [pl.col(c).cast(pl.Float64, strict=False) for c in patients.columns if c not in ("patient", "sex")]
         )
+    del frame, event_time  # the builder holds the only copy from here on
     return build_corpus(events, patients, options, source=f"long:{path.name}")
 
 
