@@ -125,6 +125,109 @@ def format_description(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.command("train")
+@click.argument("model", type=click.Choice(["halo", "ehrdiff"]))
+@click.option("--data", "data", type=click.Path(path_type=Path), required=True,
+              help="Corpus directory from `ehrsynth prepare` (its train part is used, val for validation).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="JSON/TOML file with 'model' and 'training' sections.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Override training.max_steps.")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="Override training.max_epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override training.batch_size.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override training.lr.")
+@click.option("--seed", type=int, default=None, help="Override training.seed.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override training.device.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1,
+              help="Launch this many processes with torchrun (DDP) on this machine.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved configuration and exit.")
+def train_command(model, data, out, config_file, resume, max_steps, max_epochs, batch_size, lr, seed, device,
+                  nproc, dry_run) -> None:
+    """Train MODEL (halo or ehrdiff) on a corpus; the best model lands in OUT/model."""
+    from ehrsynth.pipeline import read_config_file, train_model
+
+    sections = read_config_file(config_file)
+    overrides = {"max_steps": max_steps, "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
+                 "seed": seed, "device": device}
+    sections["training"].update({k: v for k, v in overrides.items() if v is not None})
+    if dry_run:
+        from ehrsynth.models import model_class
+
+        resolved = {**model_class(model).default_train_config(), **sections["training"]}
+        click.echo(json.dumps({"model": sections["model"], "training": resolved}, indent=2))
+        return
+    if nproc > 1:
+        _relaunch_with_torchrun(nproc)
+        return
+    result = train_model(model, data, out, model_options=sections["model"], training_options=sections["training"],
+                         resume=resume, progress=True)
+    best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+    click.echo(f"trained {result.steps} steps; best validation loss {best}; model in {out / 'model'}")
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with --nproc removed (one process per rank)."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    cleaned, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        cleaned.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "ehrsynth.cli", *cleaned]
+    completed = subprocess.run(command)
+    if completed.returncode:
+        sys.exit(completed.returncode)
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("-n", "n", type=click.IntRange(min=1), required=True, help="Number of patients to generate.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--format", "output_format", type=click.Choice(["corpus", "long", "meds", "omop"]), default="corpus",
+              help="Output format.")
+@click.option("--condition", "conditions", multiple=True,
+              help="Fix a static value, e.g. label:mortality=1 or sex=F (repeatable).")
+@click.option("--seed", type=int, default=0, help="Sampling seed: the same seed gives the same patients.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Patients sampled at once.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+def generate(run, n, out, output_format, conditions, seed, batch_size, device) -> None:
+    """Generate N synthetic patients from a trained RUN and write them to OUT."""
+    from ehrsynth.pipeline import generate_corpus, parse_conditions, write_output
+
+    corpus = generate_corpus(run, n, seed=seed, conditions=parse_conditions(conditions), batch_size=batch_size,
+                             progress=True, device=device)
+    write_output(corpus, out, output_format)
+    summary = corpus.describe()
+    click.echo(f"wrote {summary['patients']} patients, {summary['visits']} visits, "
+               f"{summary['code_occurrences']} codes to {out} ({output_format})")
+
+
+@cli.command("perplexity")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Corpus directory to score.")
+@click.option("--part", type=click.Choice(["all", "train", "val", "test"]), default="test",
+              help="Which split part of the corpus to score.")
+def perplexity_command(run, data, part) -> None:
+    """Per-code and per-visit perplexity of a corpus under a trained RUN (likelihood models only)."""
+    from ehrsynth.data.corpus import PatientCorpus
+    from ehrsynth.pipeline import perplexity
+
+    corpus = PatientCorpus.load(data)
+    if part != "all":
+        corpus = corpus.part(part)
+    click.echo(json.dumps(perplexity(run, corpus), indent=2))
+
+
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ehrsynth-demo"), help="Output directory.")
 def demo(out: Path) -> None:

@@ -354,3 +354,36 @@ def empty_statics(n_patients: int) -> dict[str, np.ndarray]:
         "age_at_first_visit": np.full(n_patients, np.nan, dtype=np.float32),
         "death": np.full(n_patients, -1, dtype=np.int8),
     }
+
+
+def concat_corpora(parts: list[PatientCorpus]) -> PatientCorpus:
+    """Stack corpora that share one vocabulary and label set (e.g. generation chunks) into one.
+
+    Raises:
+        ConfigError: when the parts' vocabularies or label names differ.
+    """
+    if not parts:
+        raise ConfigError("nothing to concatenate")
+    first = parts[0]
+    for part in parts[1:]:
+        if part.vocab.codes != first.vocab.codes or part.label_names != first.label_names:
+            raise ConfigError("corpora to concatenate must share vocabulary and labels")
+
+    def offsets(name: str) -> np.ndarray:
+        pieces, base = [np.zeros(1, dtype=np.int64)], 0
+        for part in parts:
+            arr = np.asarray(getattr(part, name), dtype=np.int64)
+            pieces.append(arr[1:] + base)
+            base += int(arr[-1])
+        return np.concatenate(pieces)
+
+    def stack(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(p, name)) for p in parts])
+
+    return PatientCorpus(
+        patient_ids=stack("patient_ids"), visit_offsets=offsets("visit_offsets"),
+        code_offsets=offsets("code_offsets"), codes=stack("codes"), visit_days=stack("visit_days"),
+        visit_start=stack("visit_start"), sex=stack("sex"), birth_year=stack("birth_year"),
+        age_at_first_visit=stack("age_at_first_visit"), death=stack("death"), labels=stack("labels"),
+        label_names=first.label_names, vocab=first.vocab, split=stack("split"), stats=dict(first.stats),
+    )

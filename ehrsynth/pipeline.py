@@ -1,0 +1,157 @@
+"""Library entry points behind the CLI: train, generate and score any model family.
+
+Each is one function the CLI calls after parsing; Python users call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ehrsynth.data.corpus import PatientCorpus, concat_corpora
+from ehrsynth.errors import ConfigError, InputError
+from ehrsynth.models import model_class
+from ehrsynth.models.io import config_from_dict, load_model
+from ehrsynth.training.loop import TrainConfig, TrainResult, train
+
+OUTPUT_FORMATS = ("corpus", "long", "meds", "omop")
+
+
+def read_config_file(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Read a run config (JSON, or TOML on Python >= 3.11) with optional ``model`` and ``training`` tables.
+
+    Raises:
+        InputError: for a missing or malformed file, or unknown top-level sections.
+    """
+    if path is None:
+        return {"model": {}, "training": {}}
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("config file not found", file=path)
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+    except ModuleNotFoundError:
+        raise InputError("TOML configs need Python >= 3.11; use JSON", file=path) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot parse config: {str(exc).splitlines()[0]}", file=path) from None
+    unknown = set(data) - {"model", "training"}
+    if not isinstance(data, dict) or unknown:
+        raise InputError(f"config sections must be 'model' and 'training', got {sorted(unknown)}", file=path)
+    return {"model": dict(data.get("model", {})), "training": dict(data.get("training", {}))}
+
+
+def train_model(
+    family: str,
+    corpus: PatientCorpus | str | Path,
+    run_dir: str | Path,
+    *,
+    model_options: dict[str, Any] | None = None,
+    training_options: dict[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a ``family`` model on the corpus's train part, validating on its val part.
+
+    Model options override the family's defaults; training options override the family's paper defaults
+    (``default_train_config``). On ``resume`` the run's own ``config.json`` wins, so the run continues with the
+    settings it started with.
+
+    Raises:
+        ConfigError: for an unknown family or option.
+    """
+    cls = model_class(family)
+    run_dir = Path(run_dir)
+    if isinstance(corpus, (str, Path)):
+        corpus = PatientCorpus.load(corpus)
+    model_options = dict(model_options or {})
+    training_options = {**cls.default_train_config(), **(training_options or {})}
+    if resume and (run_dir / "config.json").is_file():
+        resolved = json.loads((run_dir / "config.json").read_text())
+        if resolved["family"] != family:
+            raise ConfigError(f"{run_dir} holds a {resolved['family']!r} run, not {family!r}")
+        model_options, training_options = resolved["model"], resolved["training"]
+    config = config_from_dict(cls.config_class, model_options)
+    train_config = config_from_dict(TrainConfig, training_options)
+    train_part, val_part = corpus.part("train"), corpus.part("val")
+    if train_part.n_patients == 0:
+        raise InputError("the corpus has no training patients (check its split)")
+    with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
+        torch.manual_seed(train_config.seed)
+        model = cls.from_corpus(train_part, config)
+    return train(model, train_part, val_part, train_config, run_dir, resume=resume, progress=progress)
+
+
+def parse_conditions(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``['label:mortality=1', 'sex=F']`` -> ``{'label:mortality': '1', 'sex': 'F'}``.
+
+    Raises:
+        ConfigError: for an entry without ``=``.
+    """
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--condition expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def generate_corpus(
+    run_dir: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    conditions: dict[str, str] | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+    device: str = "auto",
+) -> PatientCorpus:
+    """Sample ``n`` patients from the model saved in ``run_dir`` (streamed in chunks, then stacked)."""
+    if n < 1:
+        raise ConfigError(f"-n must be >= 1, got {n!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(run_dir, device=device)
+    if hasattr(model, "iter_generate"):
+        chunks = list(model.iter_generate(n, seed=seed, conditions=conditions, batch_size=batch_size,
+                                          progress=progress))
+        return concat_corpora(chunks)
+    return model.generate(n, seed=seed, conditions=conditions, batch_size=batch_size, progress=progress)
+
+
+def write_output(corpus: PatientCorpus, out: str | Path, output_format: str) -> Path:
+    """Write ``corpus`` to ``out`` in ``output_format`` (corpus, long, meds or omop), atomically."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    out = Path(out)
+    if output_format == "corpus":
+        return corpus.save(out)
+    from ehrsynth.data.writers import write_corpus
+
+    return write_corpus(corpus, out, output_format)
+
+
+def perplexity(run_dir: str | Path, corpus: PatientCorpus | str | Path, *, batch_size: int = 64) -> dict[str, Any]:
+    """Per-code and per-visit perplexity of ``corpus`` under the model in ``run_dir``.
+
+    Raises:
+        ConfigError: when the model family has no likelihood (EHRDiff).
+    """
+    model = load_model(run_dir)
+    if isinstance(corpus, (str, Path)):
+        corpus = PatientCorpus.load(corpus)
+    if not hasattr(model, "perplexity"):
+        raise ConfigError(f"model family {model.family!r} has no likelihood; perplexity needs HALO")
+    return model.perplexity(corpus, batch_size=batch_size)
+
+
+__all__ = ["OUTPUT_FORMATS", "generate_corpus", "parse_conditions", "perplexity", "read_config_file",
+           "train_model", "write_output"]
