@@ -26,7 +26,18 @@ def _split(value: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """Turns every project error into one line on stderr and exit code 2, whoever invokes the CLI."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EhrsynthError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="ehrsynth")
 def cli() -> None:
     """ehrsynth: learn from longitudinal EHRs, generate synthetic patients, and measure fidelity, utility
@@ -265,21 +276,8 @@ class _spinner:
 
 
 def main() -> None:
-    """Entry point: run the CLI, turning project errors into one line and exit code 2."""
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
-    except EhrsynthError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    """Entry point (usage errors exit 2 through click, project errors through :class:`_Group`)."""
+    cli.main(prog_name="ehrsynth")
 
 
 if __name__ == "__main__":

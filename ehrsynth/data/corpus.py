@@ -108,6 +108,10 @@ class PatientCorpus:
         if N and (int(self.codes.min()) < 0 or int(self.codes.max()) >= len(self.vocab)):
             raise ConfigError("corpus codes fall outside the vocabulary")
 
+    def __repr__(self) -> str:  # counts only: a corpus repr must never show patient identifiers
+        return (f"PatientCorpus(patients={self.n_patients}, visits={self.n_visits}, codes={self.n_codes}, "
+                f"vocabulary={self.vocab_size}, labels={list(self.label_names)})")
+
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
     def n_patients(self) -> int:

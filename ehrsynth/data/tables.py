@@ -66,17 +66,21 @@ def table_columns(path: Path) -> list[str]:
 def _raise_if_bad_utf8(path: Path) -> None:
     """Locate the first non-UTF-8 byte and raise with its row; do nothing if the file decodes."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    line_number = 0
+    record, in_quotes = 0, False  # record 0 is the header, so ``record`` is the 1-based data row
     with opener(path, "rb") as handle:
-        for line_number, line in enumerate(handle, start=0):
+        for line in handle:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise ParseError(
                     f"invalid UTF-8 byte {line[exc.start:exc.start + 1]!r} (re-encode the file as UTF-8)",
                     file=path,
-                    row=line_number,  # line 0 is the header, so this is the 1-based data row
+                    row=record,
                 ) from None
+            # A quoted field may span lines: a record ends only on a line that leaves no quote open.
+            in_quotes ^= line.count(b'"') % 2 == 1
+            if not in_quotes:
+                record += 1
 
 
 def read_table(
@@ -107,7 +111,7 @@ def read_table(
     by_lower = {c.lower(): c for c in header}
     for col in required:
         if col.lower() not in by_lower:
-            raise MissingColumnError(f"required column missing (have: {', '.join(header)})", file=path, column=col)
+            raise MissingColumnError(f"required column missing (have: {', '.join(map(repr, header))})", file=path, column=col)
     wanted = [c for c in [*required, *optional] if c.lower() in by_lower]
     source_names = [by_lower[c.lower()] for c in wanted]
     rename = {by_lower[c.lower()]: c.lower() for c in wanted}

@@ -69,6 +69,9 @@ def read_long(
     patients = None
     if statics:
         lowered = [c.lower() for c in statics]
+        for column in lowered:
+            if column != "sex":
+                _check_static(frame, column, path)
         patients = frame.select(pl.col(patient).alias("patient"), *lowered).unique("patient", keep="first")
         patients = patients.rename({"age_at_first_visit": "age"} if "age_at_first_visit" in lowered else {})
         patients = patients.with_columns(
@@ -76,6 +79,23 @@ def read_long(
         )
     del frame, event_time  # the builder holds the only copy from here on
     return build_corpus(events, patients, options, source=f"long:{path.name}")
+
+
+def _check_static(frame: pl.DataFrame, column: str, path: Path) -> None:
+    """Refuse a static value outside its domain (a label of 7, a NaN birth year) before it reaches the builder."""
+    value = frame[column].cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+    given = frame[column].is_not_null() & (frame[column].cast(pl.String).str.strip_chars() != "")
+    if column == "death" or column.startswith(LABEL_PREFIX):
+        valid, allowed = value.is_in([0.0, 1.0]), "0 or 1"
+    elif column == "birth_year":
+        valid, allowed = value.is_finite() & (value == value.floor()) & value.is_between(0, 9999), "a year"
+    else:
+        valid, allowed = value.is_finite() & (value >= 0), "a non-negative number"
+    bad = given & ~valid.fill_null(False)
+    if bad.any():
+        index = int(bad.arg_true()[0])
+        raise ParseError(f"expected {allowed}, got {frame[column][index]!r}", file=path, column=column,
+                         row=int(frame[ROW][index]))
 
 
 def _check_not_blank(frame: pl.DataFrame, column: str, path: Path) -> None:
