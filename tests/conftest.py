@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(os.environ.get("EHRSYNTH_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+_CANDIDATES = [Path(__file__).resolve().parents[1].parent / "shared" / "data", Path("/work/shared/data")]
+DATA = Path(os.environ["EHRSYNTH_DATA"]) if "EHRSYNTH_DATA" in os.environ else next(
+    (p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 
 
 @pytest.fixture(scope="session")
