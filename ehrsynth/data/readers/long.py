@@ -44,6 +44,8 @@ def read_long(
     """
     path = Path(path)
     header_columns = table_columns(path) if path.is_file() else []
+    if time is None and visit.lower() != "time" and "time" in (c.lower() for c in header_columns):
+        time = "time"  # the column the long writer emits: a written corpus reads back with its dates
     statics = [c for c in header_columns if c.lower() in STATIC_COLUMNS or c.lower().startswith(LABEL_PREFIX)]
     required = [patient, visit, code] + ([time] if time else [])
     frame = read_table(path, required, optional=statics)
@@ -51,6 +53,7 @@ def read_long(
     frame = frame.with_columns(clean_code(frame[code]).alias(code))
     _check_not_blank(frame, patient, path)
     _check_not_blank(frame, visit, path)
+    frame = frame.with_columns(_integral_ids(frame[patient]), _integral_ids(frame[visit]))
     if code_system:
         frame = frame.with_columns(
             pl.when(pl.col(code).str.contains("/", literal=True)).then(pl.col(code))
@@ -79,6 +82,18 @@ def read_long(
         )
     del frame, event_time  # the builder holds the only copy from here on
     return build_corpus(events, patients, options, source=f"long:{path.name}")
+
+
+def _integral_ids(series: pl.Series) -> pl.Series:
+    """Text ids that are all canonical integers become Int64, so a CSV orders patients and visits as Parquet
+    does (numerically: '9' before '10')."""
+    if series.dtype != pl.String:
+        return series
+    text = series.str.strip_chars()
+    numbers = text.cast(pl.Int64, strict=False)
+    if numbers.is_null().any() or not (numbers.cast(pl.String) == text).all():
+        return series
+    return numbers
 
 
 def _check_static(frame: pl.DataFrame, column: str, path: Path) -> None:

@@ -5,12 +5,12 @@ are there); DEATH, when the table exists, gives the death flag.
 A visit is the row's ``visit_occurrence_id`` (when present and not 0), else the event date: extracts often
 leave it blank or point it at no VISIT_OCCURRENCE row (GiBleed has 1,037 visit rows but 62,359 distinct visit
 ids on its condition rows). The visit time is the VISIT_OCCURRENCE start (its datetime, else its date) when
-that row exists, else the earliest event time in the visit. Visit rows with no event of the chosen tables become empty visits, counted
-(or kept) by the builder.
+that row exists, else the earliest event time in the visit. Visit rows with no event of the chosen tables
+become empty visits, counted (or kept) by the builder.
 
 Concept id 0 means "no standard concept": such rows are dropped and counted, except when ``*_source_value`` is
-itself a typed code (``ICD9CM/4019``, a known system), which is how :func:`ehrsynth.data.writers.omop.write_omop`
-stores non-OMOP codes -- so a corpus written to OMOP reads back with its codes intact.
+itself a typed code of a known system (``ICD9CM/4019``), which is how
+:func:`ehrsynth.data.writers.omop.write_omop` stores non-OMOP codes -- so a written corpus reads back intact.
 
 Table file names may be upper or lower case, as .csv, .csv.gz or .parquet.
 """

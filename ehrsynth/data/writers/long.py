@@ -1,8 +1,8 @@
 """Long format: one row per code, the shape :func:`ehrsynth.data.readers.long.read_long` reads.
 
 Columns: ``patient``, ``visit`` (the visit's number within the patient, 0-based), ``time`` (the visit
-datetime), ``code``, then the per-patient ``sex`` ('F'/'M'/null), ``birth_year`` (null if unknown),
-``age_at_first_visit`` (NaN if unknown), ``death`` (1/0/-1) and one ``label:<name>`` column per label.
+datetime), ``code``, then the per-patient ``sex`` ('F'/'M'), ``birth_year``, ``age_at_first_visit`` and
+``death`` (1/0) -- each null when unknown -- and one ``label:<name>`` column (0/1) per label.
 A visit without codes is one row with a null code; a patient without visits has no row.
 
 Visits without a start (synthetic corpora) are dated as in :func:`ehrsynth.data.writers.common.visit_times`.
@@ -84,5 +84,5 @@ def long_frame(corpus: PatientCorpus, *, anchor_date: str = DEFAULT_ANCHOR) -> p
         "time": pl.Series(visit_times(corpus, anchor_date)[visit]).cast(pl.Datetime("us")),
         "code": rows["code"],
     })
-    return pl.concat([statics[patient].select("patient"), events, statics[patient].drop("patient")],
-                     how="horizontal")
+    per_row = statics[patient]
+    return pl.concat([per_row.select("patient"), events, per_row.drop("patient")], how="horizontal")
