@@ -239,6 +239,35 @@ def perplexity_command(run, data, part) -> None:
     click.echo(json.dumps(perplexity(run, corpus), indent=2))
 
 
+@cli.command("evaluate")
+@click.option("--train", "train_dir", type=click.Path(path_type=Path), required=True,
+              help="Real training corpus (the members); a prepared corpus uses its train part.")
+@click.option("--test", "test_dir", type=click.Path(path_type=Path), required=True,
+              help="Real held-out corpus (non-members); a prepared corpus uses its test part.")
+@click.option("--synthetic", type=click.Path(path_type=Path), required=True,
+              help="Synthetic data: a corpus directory, or any reader format with --synthetic-source.")
+@click.option("--synthetic-source", type=click.Choice(("corpus",) + SOURCE_CHOICES), default="corpus",
+              help="Format of --synthetic (e.g. long, meds, omop for data made by other tools).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Run directory of the model, for perplexity and the likelihood membership attack.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory.")
+@click.option("--seed", type=int, default=0, help="Seed of every sampled metric.")
+@click.option("--privacy-n", type=click.IntRange(min=10), default=2000, help="Patients per set for privacy metrics.")
+def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir, out, seed, privacy_n) -> None:
+    """Measure fidelity, utility and privacy; write metrics.json and a self-contained report.html."""
+    from ehrsynth.pipeline import evaluate_to
+
+    report, rows = evaluate_to(train_dir, test_dir, synthetic, out, synthetic_source=synthetic_source,
+                               model_dir=model_dir, seed=seed, privacy_n=privacy_n)
+    click.echo(format_headline(rows))
+    click.echo(f"report: {report}")
+
+
+def format_headline(rows) -> str:
+    return "\n".join(f"{area:<9}{label:<40}{'n/a' if value is None else f'{value:.3f}':>8}   {reading}"
+                      for area, label, value, reading in rows)
+
+
 @cli.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ehrsynth-demo"), help="Output directory.")
 def demo(out: Path) -> None:

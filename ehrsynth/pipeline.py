@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ehrsynth.data.corpus import PatientCorpus, concat_corpora
@@ -153,5 +154,49 @@ def perplexity(run_dir: str | Path, corpus: PatientCorpus | str | Path, *, batch
     return model.perplexity(corpus, batch_size=batch_size)
 
 
+def load_corpus_part(path: str | Path, part: str) -> PatientCorpus:
+    """A saved corpus; when it still holds all split parts (straight from ``prepare``), just ``part``."""
+    corpus = PatientCorpus.load(path)
+    parts = set(np.unique(np.asarray(corpus.split)).tolist())
+    return corpus.part(part) if len(parts) > 1 else corpus
+
+
+def evaluate_to(
+    train: str | Path | PatientCorpus,
+    test: str | Path | PatientCorpus,
+    synthetic: str | Path | PatientCorpus,
+    out: str | Path,
+    *,
+    synthetic_source: str = "corpus",
+    model_dir: str | Path | None = None,
+    seed: int = 0,
+    privacy_n: int | None = 2000,
+) -> tuple[Path, list]:
+    """Evaluate ``synthetic`` against real ``train``/``test`` and write the report into ``out``.
+
+    Returns:
+        The report path and the headline rows.
+    """
+    from ehrsynth.data.readers import read_source
+    from ehrsynth.evaluation.report import evaluate, headline, write_report
+
+    train = train if isinstance(train, PatientCorpus) else load_corpus_part(train, "train")
+    test = test if isinstance(test, PatientCorpus) else load_corpus_part(test, "test")
+    if not isinstance(synthetic, PatientCorpus):
+        synthetic = (PatientCorpus.load(synthetic) if synthetic_source == "corpus"
+                     else read_source(synthetic_source, synthetic))
+    loglik = None
+    extra = {}
+    if model_dir is not None:
+        model = load_model(model_dir)
+        if hasattr(model, "patient_log_likelihood"):
+            loglik = model.patient_log_likelihood
+            extra["perplexity_test"] = model.perplexity(test)
+    metrics = evaluate(train, test, synthetic, patient_log_likelihood=loglik, seed=seed, privacy_n=privacy_n)
+    metrics.update(extra)
+    report = write_report(metrics, train, synthetic, out)
+    return report, headline(metrics)
+
+
 __all__ = ["OUTPUT_FORMATS", "generate_corpus", "parse_conditions", "perplexity", "read_config_file",
-           "train_model", "write_output"]
+           "train_model", "write_output", "evaluate_to", "load_corpus_part"]

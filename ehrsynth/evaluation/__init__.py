@@ -1,0 +1,47 @@
+"""Evaluation of synthetic corpora: fidelity, utility and privacy metrics.
+
+Every metric is a pure function of corpora (or arrays) returning a small frozen result with ``as_dict()``; the
+``metric`` key of that dict names its definition in docs/metrics.md. Corpora may have different vocabularies:
+each metric aligns them on the union of typed code strings first (:func:`aligned_code_matrices`).
+"""
+
+from ehrsynth.evaluation.features import AlignedCodes, MetricResult, align_vocabularies, aligned_code_matrices
+from ehrsynth.evaluation.fidelity import (
+    correlation_matrix_distance,
+    detection_auroc,
+    halo_fidelity,
+    halo_statistics,
+    maximum_mean_discrepancy,
+    prevalence_fidelity,
+    structure_fidelity,
+)
+from ehrsynth.evaluation.privacy import (
+    attribute_inference,
+    distance_membership_inference,
+    distance_to_closest_record,
+    exact_copies,
+    likelihood_membership_inference,
+    nearest_neighbour_adversarial_accuracy,
+)
+from ehrsynth.evaluation.utility import downstream_utility
+
+__all__ = [
+    "AlignedCodes",
+    "MetricResult",
+    "align_vocabularies",
+    "aligned_code_matrices",
+    "attribute_inference",
+    "correlation_matrix_distance",
+    "detection_auroc",
+    "distance_membership_inference",
+    "distance_to_closest_record",
+    "downstream_utility",
+    "exact_copies",
+    "halo_fidelity",
+    "halo_statistics",
+    "likelihood_membership_inference",
+    "maximum_mean_discrepancy",
+    "nearest_neighbour_adversarial_accuracy",
+    "prevalence_fidelity",
+    "structure_fidelity",
+]
