@@ -269,21 +269,17 @@ def format_headline(rows) -> str:
 
 
 @cli.command()
+@click.option("--model", "family", type=click.Choice(["halo", "ehrdiff"]), default="halo", help="Model to run.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ehrsynth-demo"), help="Output directory.")
-def demo(out: Path) -> None:
-    """Run ehrsynth on its bundled demo data (OMOP GiBleed, 2,694 synthetic persons).
+@click.option("--seed", type=int, default=0, help="Seed of the split, training, sampling and metrics.")
+def demo(family: str, out: Path, seed: int) -> None:
+    """Run the whole path on the bundled demo data (OMOP GiBleed, 2,694 synthetic persons):
+    prepare -> split -> train -> generate -> evaluate -> report."""
+    from ehrsynth.pipeline import run_demo
 
-    For now this prepares and describes the bundled corpus; training, generation and the report are added as
-    the models land.
-    """
-    from ehrsynth.data.readers.omop import read_omop
-    from ehrsynth.demo_data import demo_directory
-
-    with _spinner("reading the bundled OMOP GiBleed demo data"):
-        corpus = read_omop(demo_directory())
-        corpus.save(out / "corpus")
-    click.echo(f"corpus written to {out / 'corpus'}")
-    click.echo(format_description(corpus.describe()))
+    report, rows = run_demo(family, out, seed=seed, progress=True, say=lambda line: click.echo(line, err=True))
+    click.echo(format_headline(rows))
+    click.echo(f"report: {report}")
 
 
 class _spinner:

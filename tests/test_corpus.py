@@ -80,3 +80,11 @@ def test_describe_is_aggregate_only(mimic3_corpus):
     assert summary["labels"] == {"mortality": 40}
     text = repr(summary)
     assert not any(str(pid) in text for pid in mimic3_corpus.patient_ids[:20])
+
+
+def test_flatten_visits_keeps_every_code_once(mimic3_corpus):
+    flat = mimic3_corpus.flatten_visits()
+    assert flat.n_patients == 100 and flat.n_visits == 100
+    assert np.array_equal(flat.patient_multi_hot(np.arange(100)), mimic3_corpus.patient_multi_hot(np.arange(100)))
+    assert flat.n_codes == int(mimic3_corpus.patient_multi_hot(np.arange(100)).sum())  # 1,741 < 1,761 occurrences
+    assert np.all(flat.visit_days == 0)

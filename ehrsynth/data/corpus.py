@@ -190,6 +190,28 @@ class PatientCorpus:
         """Assign a seeded train/val/test split by patient (HALO's default 72/8/20)."""
         return replace(self, split=random_split(self.n_patients, fractions, seed=seed), stats=dict(self.stats))
 
+    def flatten_visits(self) -> PatientCorpus:
+        """One visit per patient holding every code the patient ever had (the view EHRDiff models).
+
+        The visit keeps the patient's first visit day (0) and start date; statics, labels and split are kept.
+        """
+        vpp = self.visits_per_patient()
+        code_patient = np.repeat(np.repeat(np.arange(self.n_patients, dtype=np.int64), vpp), self.codes_per_visit())
+        keys = np.unique(code_patient * self.vocab_size + np.asarray(self.codes, dtype=np.int64))
+        patient_of_code = keys // max(self.vocab_size, 1)
+        code_offsets = np.zeros(self.n_patients + 1, dtype=np.int64)
+        np.cumsum(np.bincount(patient_of_code, minlength=self.n_patients), out=code_offsets[1:])
+        first_visit = np.asarray(self.visit_offsets[:-1])
+        has_visit = vpp > 0
+        visit_days = np.where(has_visit, 0.0, np.nan)
+        visit_start = np.full(self.n_patients, np.datetime64("NaT"), dtype="datetime64[s]")
+        visit_start[has_visit] = np.asarray(self.visit_start)[first_visit[has_visit]]
+        return replace(
+            self, visit_offsets=np.arange(self.n_patients + 1, dtype=np.int64), code_offsets=code_offsets,
+            codes=(keys % max(self.vocab_size, 1)).astype(np.int32), visit_days=visit_days,
+            visit_start=visit_start, stats=dict(self.stats),
+        )
+
     # ---- dense views (per batch only) --------------------------------------------------------------------
     def patient_multi_hot(self, patients: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
         """(B, vocab) 0/1 matrix: every code each patient ever had (EHRDiff's input)."""

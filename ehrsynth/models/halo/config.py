@@ -1,0 +1,96 @@
+"""HALO's architecture and record-encoding settings (training settings are the shared TrainConfig)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ehrsynth.errors import ConfigError
+
+# Lower edges of the inter-visit gap bins in days: [0,1) [1,7) [7,30) [30,90) [90,180) [180,365) [365,730)
+# [730, inf). The last bin is open, so this is the issue's [0,1,7,30,90,180,365,730,inf] without the inf (which
+# JSON cannot hold).
+DEFAULT_GAP_EDGES = (0.0, 1.0, 7.0, 30.0, 90.0, 180.0, 365.0, 730.0)
+# Lower edges of the age-at-first-visit buckets in years; the last, [90, inf), holds MIMIC's ages capped at 90.
+DEFAULT_AGE_EDGES = (0.0, 18.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
+
+
+@dataclass(frozen=True)
+class HaloConfig:
+    """HALO's architecture (Theodorou et al. 2023) and how a record becomes rows of columns.
+
+    The defaults are the paper's network: 12 layers, 12 heads, width 768, n_ctx 48. :meth:`small` gives the
+    2 layers / 4 heads / 128 config used in tests and CPU benchmarks.
+
+    Attributes:
+        n_layer: transformer blocks of the coarse (visit-level) module.
+        n_head: attention heads; must divide ``n_embd``.
+        n_embd: width of the coarse module (768 in the paper).
+        n_ctx: rows per record -- start row, static row, visits, end row -- so at most ``n_ctx - 3`` visits;
+            longer histories keep their last ``n_ctx - 3`` visits (counted in ``meta.extra``).
+        dropout: dropout in the coarse module (the reference uses none).
+        layer_norm_eps: LayerNorm epsilon (GPT-2: 1e-5).
+        fine_hidden: hidden width of the fine (code-level) MADE head. None is the reference: two square masked
+            layers of width ``n_embd + columns`` (2 (W^2 + W) parameters, W = n_embd + columns); an integer H
+            gives a narrower MADE (H W + H + C H + C parameters, C = columns), for large vocabularies where
+            the square head's W^2 does not fit.
+        end_first: the fine head decides a row's end token before its codes (one Bernoulli: "does the record
+            end here?"), instead of after all of them as the reference's last column. Exact either way; with
+            the end token last, a row ends only if all V codes drew 0, which lightly trained models often fail
+            to manage (see :mod:`.encoding`). The column layout is the same.
+        use_labels: put the corpus labels on the static row (the reference's label row).
+        use_sex: put sex (an F and an M column; neither when unknown) on the static row.
+        age_bucket_edges: lower edges (years, increasing) of the age-at-first-visit buckets on the static row;
+            the last bucket is open and ages below the first edge fall in the first bucket. ``()`` disables.
+        gap_bin_edges: lower edges (days, increasing) of the inter-visit gap bins; each visit after the first
+            carries the bin of its gap to the previous visit (no token when the gap is unknown). The last bin
+            is open. ``()`` disables gaps (generated visit_days are then unknown, NaN, after the first visit).
+    """
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_ctx: int = 48
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    fine_hidden: int | None = None
+    end_first: bool = True
+    use_labels: bool = True
+    use_sex: bool = True
+    age_bucket_edges: tuple[float, ...] = DEFAULT_AGE_EDGES
+    gap_bin_edges: tuple[float, ...] = DEFAULT_GAP_EDGES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "age_bucket_edges", tuple(float(e) for e in self.age_bucket_edges))
+        object.__setattr__(self, "gap_bin_edges", tuple(float(e) for e in self.gap_bin_edges))
+        positive = {"n_layer": self.n_layer, "n_head": self.n_head, "n_embd": self.n_embd}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd!r}) must be a multiple of n_head ({self.n_head!r})")
+        if not isinstance(self.n_ctx, int) or self.n_ctx < 4:
+            raise ConfigError(f"n_ctx must be an integer >= 4 (start, static, one visit, end), got {self.n_ctx!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if self.fine_hidden is not None and (not isinstance(self.fine_hidden, int) or self.fine_hidden < 1):
+            raise ConfigError(f"fine_hidden must be None (square reference head) or a positive integer, "
+                              f"got {self.fine_hidden!r}")
+        for name in ("age_bucket_edges", "gap_bin_edges"):
+            edges = getattr(self, name)
+            if any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ConfigError(f"{name} must be finite, strictly increasing lower edges (the last bin is "
+                                  f"open-ended), got {edges!r}")
+
+    @classmethod
+    def small(cls, **overrides: Any) -> HaloConfig:
+        """The small config: 2 layers, 4 heads, width 128 (n_ctx 48), plus any ``overrides``."""
+        return replace(cls(n_layer=2, n_head=4, n_embd=128), **overrides)
+
+    @property
+    def max_visits(self) -> int:
+        """Visits a record can hold: n_ctx minus the start, static and end rows."""
+        return self.n_ctx - 3

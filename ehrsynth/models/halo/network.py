@@ -1,0 +1,253 @@
+"""HALO's two modules, the math only (Theodorou et al., Nature Communications 2023, Methods "HALO").
+
+* Coarse (visit-level) module: a GPT-2 style causal transformer (pre-LayerNorm, GELU) over the record's rows.
+  Row t is embedded by a bias-free Linear(C -> d) of its multi-hot vector plus a learned position embedding;
+  its output h_t summarises rows <= t. Attention keeps an optional KV cache, so sampling pays one position per
+  new visit instead of recomputing the prefix.
+* Fine (code-level) module: two autoregressive masked linear layers over [h_t ; x_{t+1}] with a ReLU between
+  (MADE, Germain et al. 2015). The logit of column k of row t+1 depends on h_t and on columns < k of row t+1
+  only, so one pass gives every conditional p(x_{t+1,k} | x_{t+1,<k}, rows <= t) under teacher forcing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for every layer: (L, B, n_head, n_ctx, head_dim) each.
+
+    ``length`` is the number of filled positions. Rows of the batch can be dropped with :meth:`keep`
+    (finished records), which copies only the filled prefix.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, n_ctx: int, head_dim: int, *,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (n_layer, batch, n_head, n_ctx, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) after the filled positions; return all keys and values so far."""
+        stop = self.length + k.shape[2]
+        if stop > self.k.shape[3]:
+            raise ValueError(f"KV cache holds {self.k.shape[3]} positions; asked for {stop}")
+        self.k[layer, :, :, self.length:stop] = k
+        self.v[layer, :, :, self.length:stop] = v
+        return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]  # (B, nh, stop, hs)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (indices or a bool mask)."""
+        filled = slice(0, self.length)
+        k_rows = self.k[:, :, :, filled][:, rows]  # (L, b', nh, length, hs): copies the filled part only
+        shape = (*k_rows.shape[:3], self.k.shape[3], self.k.shape[4])
+        self.k = self.k.new_empty(shape)
+        self.k[:, :, :, filled] = k_rows
+        v_rows = self.v[:, :, :, filled][:, rows]
+        self.v = self.v.new_empty(shape)
+        self.v[:, :, :, filled] = v_rows
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention; ``attn_mask`` (T, T) bool replaces the causal mask (packed records)."""
+        B, T, D = x.shape
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q = q.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # (B, nh, past + T, hs)
+        dropout = self.dropout if self.training else 0.0
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        elif past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new position sees every cached one
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # several new positions after a prefix: causal mask aligned to the end
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.resid_drop(self.c_proj(y))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (GPT-2): x + attn(ln(x)), then x + mlp(ln(x)) with a tanh-GELU MLP."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, eps=eps)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.ln_2 = nn.LayerNorm(n_embd, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CoarseTransformer(nn.Module):
+    """Visit-level causal transformer: rows (B, T, C) -> h (B, T, d), h_t depending on rows <= t only."""
+
+    def __init__(self, n_columns: int, n_embd: int, n_head: int, n_layer: int, n_ctx: int, *,
+                 dropout: float = 0.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.n_head, self.n_ctx = n_head, n_ctx
+        self.wte = nn.Linear(n_columns, n_embd, bias=False)  # the visit embedding of the multi-hot row
+        self.wpe = nn.Embedding(n_ctx, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, eps) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd, eps=eps)
+        # GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer), zero biases
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / (2 * n_layer) ** 0.5 if name.endswith(("c_proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def new_cache(self, batch: int) -> KVCache:
+        ref = self.wte.weight
+        d = ref.shape[0]
+        return KVCache(len(self.blocks), batch, self.n_head, self.n_ctx, d // self.n_head,
+                       device=ref.device, dtype=ref.dtype)
+
+    def forward(self, rows: torch.Tensor, cache: KVCache | None = None, *,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h for ``rows`` (B, T, C); with a cache, the rows continue the cached positions.
+
+        Packed records: several records concatenated along T, with their own ``positions`` (T,) and a
+        block-diagonal causal ``attn_mask`` (T, T) bool (True = may attend), see :func:`packed_mask`.
+        """
+        if positions is None:
+            start = 0 if cache is None else cache.length
+            positions = torch.arange(start, start + rows.shape[1], device=rows.device)
+        h = self.drop(self.wte(rows) + self.wpe(positions))  # (B, T, d)
+        for i, block in enumerate(self.blocks):
+            h = block(h, cache, i, attn_mask)
+        if cache is not None:
+            cache.length += rows.shape[1]
+        return self.ln_f(h)
+
+
+def packed_mask(record: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(N, N) bool attention mask of packed rows: row i may see row j of the same record at a position <= its
+    own. With it, one sequence of concatenated records gives every record exactly its own causal attention."""
+    return (record[:, None] == record[None, :]) & (positions[None, :] <= positions[:, None])
+
+
+class MaskedLinear(nn.Linear):
+    """A Linear whose weight is multiplied by a fixed 0/1 mask (MADE). The mask is rebuilt from the config,
+    so it is not saved with the weights."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__(mask.shape[1], mask.shape[0])
+        self.register_buffer("mask", mask.to(torch.float32), persistent=False)
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)
+
+
+@dataclass(frozen=True)
+class FineWeights:
+    """The fine head's masked weights laid out for incremental sampling (see :func:`fine_weights`), indexed by
+    fine-order position (column ``order[i]`` at position i).
+
+    Attributes:
+        hist: (d, H) first-layer weights on h, transposed.
+        cols: (C, H) first-layer weights on the columns: row i is what a 1 at position i adds to layer 1.
+        bias1: (H,).
+        out: (H, C) output weights of the logits, transposed.
+        bias2: (C,).
+        order: (C,) the column at each position.
+    """
+
+    hist: torch.Tensor
+    cols: torch.Tensor
+    bias1: torch.Tensor
+    out: torch.Tensor
+    bias2: torch.Tensor
+    order: torch.Tensor
+
+
+class FineHead(nn.Module):
+    """Code-level MADE head over [h ; x], W = d + C inputs.
+
+    The columns are decided in ``order`` (default: column order): the head gathers x into that order, runs the
+    reference MADE on it and returns the logits in column order. Below, "column k" is position k of the order.
+
+    Degrees: input i has degree i, so h takes 0..d-1 and column k takes d + k. The logit of column k has
+    degree d + k - 1: it may see h and columns < k. A hidden unit of degree m sees inputs <= m, and an output
+    of degree o sees hidden units of degree <= o.
+
+    * ``hidden=None`` (the reference, exactly): two square W x W layers with lower-triangular masks (output o
+      sees inputs <= o), hidden unit o has degree o, and the logits are outputs d-1 .. d+C-2 (the reference's
+      ``[:, :, n_embd-1:-1]``). Parameters: 2 (W^2 + W), about half of them masked to zero.
+    * ``hidden=H``: H hidden units with degrees spread evenly over d-1 .. d+C-2 and a C-output second layer.
+      Parameters: H W + H + C H + C.
+
+    At the paper's scale (d = 768, C = 6,869 columns) the square head holds 116,662,812 parameters and
+    ``hidden=1024`` 14,862,037; on the MIMIC-III demo with the small config (d = 128, C = 604) the square head
+    holds 1,073,112.
+    """
+
+    def __init__(self, n_embd: int, n_columns: int, hidden: int | None = None,
+                 order: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.n_embd, self.n_columns = n_embd, n_columns
+        order = torch.arange(n_columns) if order is None else torch.as_tensor(order, dtype=torch.long)
+        if not torch.equal(order.sort().values, torch.arange(n_columns)):
+            raise ValueError("order must be a permutation of the columns")
+        self.register_buffer("order", order, persistent=False)  # column at each position
+        self.register_buffer("rank", order.argsort(), persistent=False)  # position of each column
+        width = n_embd + n_columns
+        inputs = torch.arange(width)
+        out_degree = n_embd - 1 + torch.arange(n_columns)  # logit of column k: h and columns < k
+        if hidden is None:
+            square = inputs[:, None] <= inputs[None, :]  # [in, out]: output o sees inputs <= o
+            self.layer1 = MaskedLinear(square.T)
+            self.layer2 = MaskedLinear(square.T)
+            self.logit_rows = slice(n_embd - 1, n_embd - 1 + n_columns)
+        else:
+            degree = n_embd - 1 + torch.arange(hidden) * n_columns // hidden  # in d-1 .. d+C-2
+            self.layer1 = MaskedLinear(inputs[None, :] <= degree[:, None])  # (H, W)
+            self.layer2 = MaskedLinear(degree[None, :] <= out_degree[:, None])  # (C, H)
+            self.logit_rows = slice(0, n_columns)
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits (..., C) of row x (..., C) given the history h (..., d) of the rows before it."""
+        z = torch.relu(self.layer1(torch.cat([h, x[..., self.order]], dim=-1)))  # (..., H), x in fine order
+        w2 = self.layer2.masked_weight()[self.logit_rows]  # (C, H)
+        return F.linear(z, w2, self.layer2.bias[self.logit_rows])[..., self.rank]  # (..., C) in column order
+
+
+def fine_weights(head: FineHead) -> FineWeights:
+    """Masked weights of ``head`` split for sampling: layer 1 is W1 [h; x] + b1 = hist-part + sum of the
+    ``cols`` rows of the columns set to 1, so fixing a 1 updates layer 1 with one row instead of a matmul."""
+    w1 = head.layer1.masked_weight().detach()  # (H, W)
+    w2 = head.layer2.masked_weight().detach()[head.logit_rows]  # (C, H)
+    d = head.n_embd
+    return FineWeights(hist=w1[:, :d].T.contiguous(), cols=w1[:, d:].T.contiguous(),
+                       bias1=head.layer1.bias.detach().clone(), out=w2.T.contiguous(),
+                       bias2=head.layer2.bias.detach()[head.logit_rows].clone(), order=head.order.clone())

@@ -1,0 +1,399 @@
+"""Exact ancestral sampling from HALO, one visit row at a time, each record advancing on its own.
+
+For each new row the coarse transformer runs one position (its KV cache holds the prefix), then the fine head
+decides the row left to right (in its fine order: the end token first, then the columns; see encoding.py).
+The reference code (REFERENCE.md, "Sampling in the reference") Bernoulli-samples
+every remaining column, takes the smallest column any record of the batch drew as 1, fixes it for the whole
+batch and repeats: the batch moves at its slowest record's pace, about V passes per visit. Here every record
+keeps its own cursor:
+
+1. The logits of all undecided columns are computed with them at 0 -- which is exactly their value as long as
+   no earlier 1 has been fixed -- so the conditionals are exact up to and including the record's next 1.
+2. The index of that next 1 among independent Bernoullis p_j has the CDF 1 - prod_{j' <= j} (1 - p_j'). It is
+   drawn by inversion with one uniform per record and pass (the first j with prod (1 - p) < u): the same draw
+   as sampling every column and taking the first 1, without the per-column noise.
+3. The 1 is fixed, the first layer of the fine head is updated by one weight row (no matmul), and the record
+   continues from the next column; a record whose undecided columns all drew 0 has finished its row.
+
+So a row costs (its number of ones + 1) fine passes at most, and a batch as many as its fullest record.
+Structural zeros (encoding.py) are never sampled.
+
+Conditions fix static-row columns in one of two exact ways:
+
+* ``"forced"`` (default, the issue's definition): the static row is sampled left to right with the conditioned
+  columns forced (a forced 1 is a certain "next 1", a forced 0 is not decided). Columns after a condition are
+  drawn from their exact conditionals; columns before it (e.g. the labels, when conditioning on sex) keep their
+  unconditional model distribution. Conditioning on the first static column (the first label) is therefore
+  exact posterior conditioning.
+* ``"posterior"``: p(record | conditions) exactly, by rejection on the static row alone -- it depends only on
+  the start row, so a rejected static row costs a few fine passes and no coarse step. Costs 1 / p(conditions)
+  static rows per record; a condition rarer than 1 / ``MAX_ATTEMPTS`` under the model is an error.
+
+Randomness: every uniform is a counter-based hash of (run key, patient index, row, pass), the run key drawn
+from the caller's ``torch.Generator``. Patient i therefore depends only on (seed, i): not on the batch size,
+the chunking, or which other records are still running -- up to the last bit of batched matrix products,
+which could flip a draw that lands within about 1e-7 of its threshold (not seen in practice: 1,000 patients of
+a trained model at batch sizes 7, 100, 333 and 1,000 came out identical, on one and on two threads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ehrsynth.data.corpus import SEX_NAMES, PatientCorpus
+from ehrsynth.errors import ConfigError
+from ehrsynth.models.halo.encoding import FIRST_VISIT, STATIC, VISIT, ColumnLayout, bin_index, decode_records
+from ehrsynth.models.halo.network import FineWeights, fine_weights
+
+if TYPE_CHECKING:
+    from ehrsynth.models.halo.model import HaloModel
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MAX_ATTEMPTS = 10_000  # static rows tried per record by posterior conditioning
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele et al. 2014) on a uint64 array (wrapping arithmetic)."""
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def stream_keys(key: int, patients: np.ndarray, row: int) -> np.ndarray:
+    """(n,) uint64 hash of (run key, patient, row): the root of the uniforms a patient's row consumes."""
+    z = _splitmix64(np.asarray(patients, dtype=np.uint64) ^ np.uint64(key))
+    return _splitmix64(z ^ np.uint64(row))
+
+
+def stream_uniforms(keys: np.ndarray, draw: int) -> np.ndarray:
+    """(n,) float64 uniforms in (0, 1], the ``draw``-th of each stream (53 random bits)."""
+    z = _splitmix64(keys ^ np.uint64(draw))
+    return ((z >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0**53
+
+
+def run_key(generator: torch.Generator) -> int:
+    """The run key every uniform of a sampling run derives from, drawn from ``generator``."""
+    return int(torch.randint(0, 2**62, (), generator=generator))
+
+
+@dataclass
+class PassCounts:
+    """Fine-head passes spent on visit rows (the static row excluded), for benchmarks."""
+
+    passes: int = 0
+    visit_steps: int = 0  # batch-level visit rows (one per coarse step after the static row)
+    visits: int = 0  # record-level visit rows sampled (including the end rows)
+    per_step: list[int] = field(default_factory=list)
+
+
+def closing_positions(layout: ColumnLayout) -> np.ndarray:
+    """(C + 1,) int64, in fine-order positions: the last position a 1 at position i decides -- i itself, the
+    last of its one-hot group (groups stay contiguous in the fine order), or every position for the end token
+    (an end row holds nothing else) -- and C at index C ("none left")."""
+    rank = layout.rank
+    close = np.arange(layout.n_columns + 1, dtype=np.int64)
+    for a, b in layout.group_spans():
+        close[rank[a]:rank[b - 1] + 1] = rank[b - 1]
+    close[rank[layout.end]] = layout.n_columns - 1
+    close[-1] = layout.n_columns
+    return close
+
+
+def parse_conditions(layout: ColumnLayout, conditions: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Static-row conditions -> ((C,) columns forced to 1, (C,) columns forced to 0).
+
+    Keys: ``"label:<name>"`` (or the bare label name) with "0"/"1"; ``"sex"`` with "F"/"M"; ``"age"`` with an
+    age in years (its bucket is fixed).
+
+    Raises:
+        ConfigError: for a key the model does not model, or a bad value (both shown).
+    """
+    ones = np.zeros(layout.n_columns, dtype=bool)
+    zeros = np.zeros(layout.n_columns, dtype=bool)
+    allowed = [f"label:{n}" for n in layout.label_names] + (["sex"] if layout.sex else []) + \
+        (["age"] if layout.age_edges else [])
+    for key, value in (conditions or {}).items():
+        name = key[len("label:"):] if key.startswith("label:") else key
+        text = str(value).strip()
+        if name in layout.label_names:
+            if text.lower() not in ("0", "1", "true", "false"):
+                raise ConfigError(f"condition {key!r} must be '0' or '1', got {value!r}")
+            column = layout.label_start + layout.label_names.index(name)
+            (ones if text.lower() in ("1", "true") else zeros)[column] = True
+        elif key == "sex" and layout.sex:
+            if text.upper() not in SEX_NAMES:
+                raise ConfigError(f"condition 'sex' must be one of {list(SEX_NAMES)!r}, got {value!r}")
+            zeros[layout.sex_start:layout.age_start] = True
+            ones[layout.sex_start + SEX_NAMES.index(text.upper())] = True
+        elif key == "age" and layout.age_edges:
+            try:
+                years = float(text)
+            except ValueError:
+                raise ConfigError(f"condition 'age' must be a number of years, got {value!r}") from None
+            if not np.isfinite(years):
+                raise ConfigError(f"condition 'age' must be a finite number of years, got {value!r}")
+            zeros[layout.age_start:layout.gap_start] = True
+            ones[layout.age_start + int(bin_index(np.array([years]), layout.age_edges)[0])] = True
+        else:
+            raise ConfigError(f"unknown condition {key!r}; this model conditions on {allowed!r}")
+    zeros &= ~ones
+    return ones, zeros
+
+
+def sample_row(
+    weights: FineWeights,
+    h: torch.Tensor,
+    pending: torch.Tensor,
+    *,
+    must: torch.Tensor | None,
+    close_to: torch.Tensor,
+    end: int,
+    keys: np.ndarray,
+) -> tuple[torch.Tensor, int]:
+    """Exact per-record sampling of one row of every record (see the module docstring). Everything here is
+    indexed by fine-order position (:attr:`~.encoding.ColumnLayout.order`), not by column.
+
+    Args:
+        weights: the fine head's weights (:func:`~.network.fine_weights`).
+        h: (b, d) coarse output of the previous row.
+        pending: (b, C) bool, the positions each record decides.
+        must: (b, C) bool positions forced to 1 (a subset of ``pending``), or None.
+        close_to: (C + 1,) int64 (:func:`closing_positions`): a 1 at position j decides every position up to
+            ``close_to[j]``; ``close_to[C] = C`` closes a finished row.
+        end: the end token's position (a 1 before it, when it comes last, rules it out).
+        keys: (b,) uint64 random streams of the records' rows (:func:`stream_keys`).
+
+    Returns:
+        ((b, C) float32 sampled row in fine order, number of fine passes).
+    """
+    b, C = pending.shape
+    device = h.device
+    x = torch.zeros(b * C, device=device)
+    columns = torch.arange(C, device=device)
+    any_pending = pending.any(0).nonzero()
+    hi = int(any_pending.max()) + 1 if len(any_pending) else 0  # no position from hi on is decided here
+    cols = torch.cat([weights.cols, weights.cols.new_zeros(1, weights.cols.shape[1])])  # (C+1, H), row C = 0
+    # the state of the records still sampling (a of them), compacted as they finish
+    rows = torch.arange(b, device=device)  # their batch rows
+    z1 = torch.addmm(weights.bias1, h, weights.hist)  # (a, H): layer 1 with every column at 0
+    pending = pending.clone()
+    must = None if must is None else must.clone()
+    cursor = torch.zeros(b, dtype=torch.long, device=device)
+    passes = 0
+    while True:
+        live = pending.any(1)  # records with a position left to decide
+        if not bool(live.all()):
+            rows, z1, pending, cursor = rows[live], z1[live], pending[live], cursor[live]
+            keys = keys[live.cpu().numpy()]
+            must = None if must is None else must[live]
+        if len(rows) == 0:
+            break
+        lo = int(cursor.min())
+        logits = torch.addmm(weights.bias2[lo:hi], torch.relu(z1), weights.out[:, lo:hi])  # (a, hi-lo)
+        log_keep = torch.where(pending[:, lo:hi], F.logsigmoid(-logits), 0.0)  # log(1 - p_j), undecided j
+        if must is not None:
+            log_keep = log_keep.masked_fill(must[:, lo:hi], float("-inf"))
+        survival = torch.cumsum(log_keep, dim=1, dtype=torch.float64)  # log P(no 1 in lo..j)
+        threshold = torch.from_numpy(np.log(stream_uniforms(keys, passes))).to(device)
+        j = lo + (survival >= threshold[:, None]).sum(1)  # the next 1, or hi when every position drew 0
+        passes += 1
+        hit = j < hi
+        j = torch.where(hit, j, C)
+        x[(rows * C + j)[hit]] = 1.0
+        z1 += cols[j]  # fixing x_j = 1 adds position j's first-layer weights (row C adds nothing)
+        cursor = j + 1
+        pending &= columns[None, :] > close_to[j][:, None]  # decided: up to j, or to the end of j's group
+        pending[:, end] &= ~hit  # a row with a 1 is a visit, not the end row (a no-op when the end comes first)
+        if must is not None:
+            must &= pending
+    return x.view(b, C), passes
+
+
+@torch.no_grad()
+def sample_batch(
+    model: HaloModel,
+    patients: np.ndarray,
+    *,
+    key: int,
+    weights: FineWeights,
+    forced: tuple[np.ndarray, np.ndarray] | None = None,
+    condition: Literal["forced", "posterior"] = "forced",
+    counts: PassCounts | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sample the records of global patient indices ``patients`` together (``forced``: the columns forced to
+    1 and to 0 by :func:`parse_conditions`, applied as ``condition`` says; see the module docstring).
+
+    Returns:
+        (n_visits (b,), patient (N,), row (N,), column (N,)): the visits of each record and the ones of its
+        static and visit rows (local patient indices; no start/end tokens).
+    """
+    layout, n_ctx = model.layout, model.config.n_ctx
+    device = model.device
+    b, C = len(patients), layout.n_columns
+    table = torch.as_tensor(layout.free_table(), device=device)
+    close_to = torch.as_tensor(closing_positions(layout), device=device)
+    order, rank = weights.order.to(device), torch.as_tensor(layout.rank, device=device)
+    end = int(rank[layout.end])  # the end token's fine-order position
+    forced_one = forced_zero = None
+    if forced is not None and forced[0].any() | forced[1].any():
+        forced_one, forced_zero = (torch.as_tensor(f, device=device) for f in forced)
+    cache = model.coarse.new_cache(b)
+    alive = torch.arange(b, device=device)  # batch rows of the unfinished records
+    x = torch.zeros(b, 1, C, device=device)
+    x[:, 0, layout.start] = 1.0
+    n_visits = np.full(b, n_ctx - 3, dtype=np.int64)  # records that never draw the end fill the window
+    found: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    for row in range(1, n_ctx - 1):
+        h = model.coarse(x, cache)[:, -1]  # (a, d) summary of rows < row
+        kind = STATIC if row == 1 else FIRST_VISIT if row == 2 else VISIT
+        pending = table[kind].expand(len(alive), C).clone()
+        must = None
+        if kind == STATIC and forced_one is not None and condition == "forced":
+            pending &= ~forced_zero
+            pending |= forced_one
+            must = forced_one.expand(len(alive), C).clone()
+        ids = patients[alive.cpu().numpy()]  # global patient indices of the unfinished records
+        pending = pending[:, order]  # columns -> fine-order positions
+        must = None if must is None else must[:, order]
+        if kind == STATIC and forced_one is not None and condition == "posterior":
+            sampled, passes = _posterior_static_row(weights, h, pending, forced_one[order], forced_zero[order],
+                                                    close_to, end, key, ids, n_ctx)
+        else:
+            sampled, passes = sample_row(weights, h, pending, must=must, close_to=close_to, end=end,
+                                         keys=stream_keys(key, ids, row))
+        sampled = sampled[:, rank]  # fine-order positions -> columns
+        if counts is not None and kind != STATIC:
+            counts.passes += passes
+            counts.visit_steps += 1
+            counts.visits += len(alive)
+            counts.per_step.append(passes)
+        r, c = sampled[:, :layout.end].nonzero(as_tuple=True)
+        found.append((alive[r], row, c))
+        ended = sampled[:, layout.end] == 1
+        if ended.any():
+            n_visits[alive[ended].cpu().numpy()] = row - 2
+            keep = ~ended
+            cache.keep(keep)
+            alive, sampled = alive[keep], sampled[keep]
+            if len(alive) == 0:
+                break
+        x = sampled.unsqueeze(1)  # (a, 1, C)
+    patient = torch.cat([p for p, _, _ in found]).cpu().numpy()
+    rows = np.concatenate([np.full(len(p), r, dtype=np.int64) for p, r, _ in found])
+    column = torch.cat([c for _, _, c in found]).cpu().numpy()
+    return n_visits, patient, rows, column
+
+
+def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to, end, key, patients, n_ctx):
+    """Static rows drawn until each matches the conditions; attempt a of a record uses its own random stream
+    (row index 1 + a * n_ctx, never a visit row's), so a record's result does not depend on the others."""
+    b, C = pending.shape
+    out = torch.zeros(b, C, device=h.device)
+    todo = torch.arange(b, device=h.device)
+    passes = 0
+    for attempt in range(MAX_ATTEMPTS):
+        keys = stream_keys(key, patients[todo.cpu().numpy()], 1 + attempt * n_ctx)
+        rows, n = sample_row(weights, h[todo], pending[todo], must=None, close_to=close_to, end=end, keys=keys)
+        passes += n
+        ok = rows[:, forced_one].all(1) & ~rows[:, forced_zero].bool().any(1)
+        out[todo[ok]] = rows[ok]
+        todo = todo[~ok]
+        if len(todo) == 0:
+            return out, passes
+    raise ConfigError(f"posterior conditioning found no static row matching the conditions in {MAX_ATTEMPTS} "
+                      f"tries for {len(todo)} record(s): the conditions are too rare under the model; use "
+                      f"condition='forced'")
+
+
+def sample_stream(
+    model: HaloModel,
+    n: int,
+    *,
+    generator: torch.Generator,
+    conditions: dict[str, Any] | None = None,
+    condition: Literal["forced", "posterior"] = "forced",
+    batch_size: int = 256,
+    chunk_size: int = 10_000,
+    progress: bool = True,
+    counts: PassCounts | None = None,
+) -> Iterator[PatientCorpus]:
+    """Sample ``n`` patients in corpora of up to ``chunk_size`` (memory is bounded by the chunk), with a tqdm bar.
+
+    Args:
+        model: a HALO model.
+        n: number of patients.
+        generator: seeds the run (one key is drawn from it).
+        conditions: static-row conditions (:func:`parse_conditions`).
+        condition: how conditions apply: ``"forced"`` or ``"posterior"`` (module docstring).
+        batch_size: records sampled together.
+        chunk_size: patients per yielded corpus.
+        progress: show the bar.
+        counts: filled with fine-pass counts when given.
+
+    Raises:
+        ConfigError: for a bad ``n``, ``batch_size``, ``chunk_size`` or condition.
+    """
+    for name, value in (("n", n), ("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if condition not in ("forced", "posterior"):
+        raise ConfigError(f"condition must be 'forced' or 'posterior', got {condition!r}")
+    forced = parse_conditions(model.layout, conditions)
+    key = run_key(generator)
+    was_training = model.training
+    model.eval()
+    try:
+        weights = fine_weights(model.fine)
+        with tqdm(total=n, unit="patient", disable=not progress, desc="HALO sampling") as bar:
+            for first in range(0, n, chunk_size):
+                last = min(first + chunk_size, n)
+                parts = []
+                for start in range(first, last, batch_size):
+                    patients = np.arange(start, min(start + batch_size, last), dtype=np.int64)
+                    parts.append(sample_batch(model, patients, key=key, weights=weights, forced=forced,
+                                              condition=condition, counts=counts))
+                    bar.update(len(patients))
+                yield _decode(model, first, parts, conditions, condition)
+    finally:
+        model.train(was_training)
+
+
+def sample(
+    model: HaloModel,
+    n: int,
+    *,
+    generator: torch.Generator,
+    conditions: dict[str, Any] | None = None,
+    condition: Literal["forced", "posterior"] = "forced",
+    batch_size: int = 256,
+    progress: bool = False,
+    counts: PassCounts | None = None,
+) -> PatientCorpus:
+    """Sample ``n`` patients as one corpus (:func:`sample_stream` with a single chunk)."""
+    return next(sample_stream(model, n, generator=generator, conditions=conditions, condition=condition,
+                              batch_size=batch_size,
+                              chunk_size=max(int(n), 1) if isinstance(n, (int, np.integer)) else n,
+                              progress=progress, counts=counts))
+
+
+def _decode(model: HaloModel, first: int, parts: list, conditions: dict[str, Any] | None,
+            condition: str) -> PatientCorpus:
+    offsets = np.cumsum([0] + [len(p[0]) for p in parts])
+    n_visits = np.concatenate([p[0] for p in parts])
+    patient = np.concatenate([p[1] + off for p, off in zip(parts, offsets)])
+    row = np.concatenate([p[2] for p in parts])
+    column = np.concatenate([p[3] for p in parts])
+    stats = {"source": "halo", "first_patient": int(first), "conditions": dict(conditions or {}),
+             "condition": condition,
+             "records_filling_window": int((n_visits == model.config.max_visits).sum())}
+    return decode_records(model.layout, first_patient=first, n_visits=n_visits, patient=patient, row=row,
+                          column=column, codes=model.meta.codes, gap_days=model.gap_days,
+                          age_years=model.age_years, stats=stats)

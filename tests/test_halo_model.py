@@ -1,0 +1,273 @@
+"""HALO network, encoding and loss: causality, KV cache, parameter counts, record round trip, padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ehrsynth.errors import ConfigError
+from ehrsynth.models.base import CorpusMeta
+from ehrsynth.models.halo import (
+    CoarseTransformer,
+    FineHead,
+    HaloConfig,
+    HaloModel,
+    bin_index,
+    bin_values,
+    decode_records,
+    encode_records,
+)
+from ehrsynth.models.halo.encoding import dense_rows
+
+TINY = HaloConfig(n_layer=2, n_head=2, n_embd=16, n_ctx=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small matrices: one thread is as fast, and does not stall when another process holds the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def train_corpus(mimic3_corpus):
+    return mimic3_corpus.part("train")
+
+
+@pytest.fixture(scope="module")
+def small_model(train_corpus):
+    torch.manual_seed(0)
+    return HaloModel.from_corpus(train_corpus, HaloConfig.small())
+
+
+# ---- fine head --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hidden", [None, 7, 40])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_fine_logit_k_ignores_columns_from_k_on(hidden, permuted):
+    """In fine order: the logit of the k-th decided column has exactly zero gradient wrt the columns decided
+    at positions >= k (the column order itself when not permuted)."""
+    torch.manual_seed(0)
+    d, C = 5, 12
+    order = torch.randperm(C) if permuted else torch.arange(C)
+    head = FineHead(d, C, hidden, order=order)
+    for p in head.parameters():  # make every unmasked weight count
+        torch.nn.init.normal_(p)
+    h, x = torch.randn(d), torch.rand(C)
+    d_x = torch.autograd.functional.jacobian(lambda x_: head(h, x_), x)[order][:, order]  # (C, C) in fine order
+    d_h = torch.autograd.functional.jacobian(lambda h_: head(h_, x), h)  # (C, d)
+    assert torch.all(d_x.triu() == 0), "logit k must not depend on columns j >= k"
+    earlier = torch.ones(C, C, dtype=torch.bool).tril(-1)
+    assert (d_x[earlier] != 0).float().mean() > 0.5  # ...and does depend on earlier columns
+    assert torch.all(d_h.abs().sum(1) > 0)  # every logit sees the history
+
+
+def test_fine_head_parameter_counts():
+    d, C = 16, 30
+    W = d + C
+    square = FineHead(d, C)
+    assert sum(p.numel() for p in square.parameters()) == 2 * (W * W + W)
+    narrow = FineHead(d, C, hidden=20)
+    assert sum(p.numel() for p in narrow.parameters()) == 20 * W + 20 + C * 20 + C
+
+
+def test_square_head_is_the_reference_layout():
+    """Two (W x W) lower-triangular layers; the logits are outputs d-1 .. d+C-2 of the second."""
+    d, C = 4, 6
+    head = FineHead(d, C)
+    W = d + C
+    assert head.layer1.weight.shape == head.layer2.weight.shape == (W, W)
+    assert torch.equal(head.layer1.mask, torch.ones(W, W).tril())
+    h, x = torch.randn(3, d), torch.rand(3, C)
+    full = head.layer2(torch.relu(head.layer1(torch.cat([h, x], -1))))
+    assert torch.allclose(head(h, x), full[:, d - 1:-1], atol=1e-6)
+    # with an order, the same head runs on the columns gathered into that order
+    order = torch.tensor([4, 0, 1, 2, 3, 5])  # e.g. the end token (column 4) first
+    ordered = FineHead(d, C, order=order)
+    ordered.load_state_dict(head.state_dict())
+    assert torch.allclose(ordered(h, x)[:, order], head(h, x[:, order]), atol=1e-6)
+
+
+# ---- coarse transformer -----------------------------------------------------------------------------------------
+def test_coarse_output_ignores_later_rows():
+    torch.manual_seed(0)
+    net = CoarseTransformer(10, 16, 2, 2, 12).eval()
+    x = (torch.rand(3, 9, 10) < 0.3).float()
+    y = x.clone()
+    y[:, 5:] = (torch.rand(3, 4, 10) < 0.5).float()
+    hx, hy = net(x), net(y)
+    assert torch.allclose(hx[:, :5], hy[:, :5], atol=1e-6, rtol=0)
+    assert not torch.allclose(hx[:, 5:], hy[:, 5:])
+
+
+def test_kv_cache_matches_full_recomputation():
+    torch.manual_seed(0)
+    net = CoarseTransformer(10, 32, 4, 3, 12).eval()
+    x = (torch.rand(5, 10, 10) < 0.3).float()
+    with torch.no_grad():
+        full = net(x)
+        cache = net.new_cache(5)
+        steps = [net(x[:, t:t + 1], cache)[:, 0] for t in range(4)]
+        keep = torch.tensor([True, False, True, True, False])  # two records finish: drop their rows
+        cache.keep(keep)
+        steps += [net(x[keep, t:t + 1], cache)[:, 0] for t in range(4, 7)]
+        prefix = net.new_cache(3)  # a multi-row prefix, then one row at a time
+        first = net(x[keep, :6], prefix)
+        last = net(x[keep, 6:7], prefix)[:, 0]
+    for t, out in enumerate(steps):
+        ref = full[:, t] if t < 4 else full[keep, t]
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), f"position {t}"
+    assert torch.allclose(first, full[keep, :6], atol=1e-5, rtol=0)
+    assert torch.allclose(last, full[keep, 6], atol=1e-5, rtol=0)
+
+
+# ---- config ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, match", [
+    ({"n_embd": 30, "n_head": 4}, "n_embd"),
+    ({"n_ctx": 3}, "n_ctx"),
+    ({"fine_hidden": 0}, "fine_hidden"),
+    ({"gap_bin_edges": (0.0, 7.0, 1.0)}, "gap_bin_edges"),
+    ({"age_bucket_edges": (0.0, float("inf"))}, "age_bucket_edges"),
+    ({"dropout": 1.0}, "dropout"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        HaloConfig(**bad)
+
+
+def test_bins():
+    edges = (0.0, 1.0, 7.0, 30.0)
+    assert bin_index(np.array([0.0, 0.99, 1.0, 29.0, 30.0, 5000.0, -1.0, np.nan]), edges).tolist() == \
+        [0, 0, 1, 2, 3, 3, 0, -1]
+    assert bin_values(edges) == (0.5, 4.0, 18.5, 30.0)
+    assert bin_index(np.array(bin_values(edges)), edges).tolist() == [0, 1, 2, 3]
+
+
+# ---- encoding ------------------------------------------------------------------------------------------------------
+def test_layout_and_meta(small_model, train_corpus):
+    layout = small_model.layout
+    names = layout.column_names()
+    assert len(names) == layout.n_columns == train_corpus.vocab_size + 1 + 2 + 9 + 8 + 3
+    assert names[layout.label_start] == "label:mortality"
+    assert names[layout.sex_start:layout.age_start] == ["sex:F", "sex:M"]
+    assert names[layout.gap_start] == "gap:[0,1)" and names[layout.start - 1] == "gap:[730,inf)"
+    assert names[-3:] == ["<start>", "<end>", "<pad>"]
+    assert layout.order[0] == layout.end and np.array_equal(layout.order[1:], np.delete(np.arange(len(names)),
+                                                                                       layout.end))
+    assert np.array_equal(layout.order[layout.rank], np.arange(len(names)))
+    extra = small_model.meta.extra
+    assert extra["gap_bin_edges"] == list(HaloConfig().gap_bin_edges)
+    assert extra["gap_bin_days"][:2] == [0.5, 4.0] and extra["age_bucket_years"][-1] == 90.0
+    assert extra["max_visits"] == 45 and extra["patients_truncated"] == 0
+
+
+def test_encode_decode_round_trip(small_model, mimic3_corpus):
+    """Every patient's codes, labels and sex come back exactly; age and gaps come back as their bins."""
+    layout = small_model.layout
+    patients = np.arange(mimic3_corpus.n_patients)
+    enc = encode_records(mimic3_corpus, patients, layout, max_visits=45)
+    x = dense_rows(torch.from_numpy(enc.ones), torch.from_numpy(enc.lengths), layout.n_columns)
+    B, T, C = x.shape
+    assert T == int(mimic3_corpus.visits_per_patient().max()) + 3  # padded to the longest record only
+    rows = torch.arange(T)
+    assert torch.all(x[:, 0, layout.start] == 1)
+    assert torch.all(x[torch.arange(B), torch.from_numpy(enc.lengths) + 2, layout.end] == 1)
+    assert torch.all(x[:, :, :layout.n_codes].sum(-1)[:, 1] == 0)  # no codes on the static row
+    content = (rows[None, :] >= 1) & (rows[None, :] <= torch.from_numpy(enc.lengths)[:, None] + 1)
+    b, r, c = (x * content[..., None]).nonzero(as_tuple=True)
+    back = decode_records(layout, first_patient=0, n_visits=enc.lengths, patient=b.numpy(), row=r.numpy(),
+                          column=c.numpy(), codes=small_model.meta.codes, gap_days=small_model.gap_days,
+                          age_years=small_model.age_years, stats={})
+    src = mimic3_corpus
+    assert np.array_equal(back.visit_offsets, src.visit_offsets)
+    assert np.array_equal(back.code_offsets, src.code_offsets)
+    assert np.array_equal(back.codes, src.codes)
+    assert np.array_equal(back.sex, src.sex) and np.array_equal(back.labels, src.labels)
+    edges = layout.age_edges
+    assert np.array_equal(bin_index(back.age_at_first_visit, edges), bin_index(src.age_at_first_visit, edges))
+    first = np.zeros(src.n_visits, dtype=bool)
+    first[src.visit_offsets[:-1]] = True
+    gaps_src = np.diff(src.visit_days, prepend=0.0)[~first]
+    gaps_back = np.diff(back.visit_days, prepend=0.0)[~first]
+    assert np.array_equal(bin_index(gaps_back, layout.gap_edges), bin_index(gaps_src, layout.gap_edges))
+    assert np.all(back.visit_days[first] == 0)
+
+
+def test_truncation_keeps_the_last_visits(small_model, mimic3_corpus):
+    vpp = mimic3_corpus.visits_per_patient()
+    p = int(np.argmax(vpp))  # the patient with the most visits (15)
+    enc = encode_records(mimic3_corpus, np.array([p]), small_model.layout, max_visits=4)
+    assert enc.lengths.tolist() == [4] and enc.truncated_visits.tolist() == [vpp[p] - 4]
+    x = dense_rows(torch.from_numpy(enc.ones), torch.from_numpy(enc.lengths), small_model.layout.n_columns)[0]
+    last = mimic3_corpus.visit_offsets[p + 1] - 1
+    codes = mimic3_corpus.codes[mimic3_corpus.code_offsets[last]:mimic3_corpus.code_offsets[last + 1]]
+    assert x[5, :small_model.layout.n_codes].nonzero().squeeze(1).tolist() == codes.tolist()
+    with pytest.warns(UserWarning, match="last 4 visits are kept"):
+        model = HaloModel.from_corpus(mimic3_corpus, HaloConfig(n_layer=1, n_head=1, n_embd=8, n_ctx=7))
+    assert model.meta.extra["patients_truncated"] == int((vpp > 4).sum())
+    assert model.meta.extra["visits_truncated"] == int(np.maximum(vpp - 4, 0).sum())
+
+
+# ---- loss -----------------------------------------------------------------------------------------------------------
+def test_loss_is_independent_of_padding(small_model, train_corpus):
+    """forward() pads to the longest record and runs the fine head on scored rows only; the same loss comes
+    from the full n_ctx-row matrices of the reference with its mean over scored rows."""
+    model = small_model.eval()
+    patients = np.arange(20)
+    batch = model.collate(train_corpus, patients)
+    with torch.no_grad():
+        loss = model(batch)
+        x = dense_rows(batch["ones"], batch["lengths"], model.layout.n_columns)
+        full = torch.zeros(len(patients), model.config.n_ctx, model.layout.n_columns)
+        full[:, :x.shape[1]] = x
+        full[:, x.shape[1]:, model.layout.pad] = 1
+        logits = model.fine(model.coarse(full[:, :-1]), full[:, 1:])
+        rows = torch.arange(1, model.config.n_ctx)
+        scored = (rows[None, :] <= batch["lengths"][:, None] + 2).float()[..., None]
+        bce = F.binary_cross_entropy_with_logits(logits, full[:, 1:], reduction="none")
+        expected = (bce * scored).sum() / (scored.sum() * model.layout.n_columns)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert 0.6 < float(loss) < 0.8  # untrained: about log 2 per column
+
+
+def test_packed_and_padded_losses_and_gradients_agree(small_model, train_corpus):
+    """Packing records into one block-diagonal causal sequence changes the compute, not the math."""
+    model = small_model.train()
+    batch = model.collate(train_corpus, np.arange(30))
+    grads = []
+    for packed in (False, True):
+        model.zero_grad()
+        loss = model.loss(batch, packed=packed)
+        loss.backward()
+        grads.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    model.zero_grad()
+    assert abs(grads[0][0] - grads[1][0]) < 1e-6
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-4)
+
+
+def test_collate_rejects_unknown_codes_and_missing_labels(small_model, mimic3_corpus):
+    from dataclasses import replace
+
+    from ehrsynth.data.vocab import Vocabulary
+
+    renamed = replace(mimic3_corpus, vocab=Vocabulary(("ICD9CM/NOPE",) + mimic3_corpus.vocab.codes[1:],
+                                                      mimic3_corpus.vocab.counts))
+    first_use = np.flatnonzero(mimic3_corpus.codes == 0)[0]  # an occurrence of code 0, renamed above
+    patient = mimic3_corpus.visit_patient()[mimic3_corpus.code_visit()[first_use]]
+    with pytest.raises(ConfigError, match="NOPE"):
+        small_model.collate(renamed, np.array([patient]))
+    unlabeled = replace(mimic3_corpus, labels=np.zeros((mimic3_corpus.n_patients, 0), np.uint8), label_names=())
+    with pytest.raises(ConfigError, match="mortality"):
+        small_model.collate(unlabeled, np.arange(3))
+
+
+def test_model_from_meta_without_extra_and_train_defaults():
+    meta = CorpusMeta(codes=("X/a", "X/b"), label_names=("y",))
+    model = HaloModel(TINY, meta)
+    assert model.gap_days == bin_values(TINY.gap_bin_edges)
+    defaults = HaloModel.default_train_config()
+    assert (defaults["optimizer"], defaults["lr"], defaults["batch_size"], defaults["max_epochs"]) == \
+        ("adam", 1e-4, 48, 50)
