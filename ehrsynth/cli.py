@@ -152,13 +152,17 @@ def format_description(summary: dict) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override training.device.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1,
               help="Launch this many processes with torchrun (DDP) on this machine.")
+@click.option("--preset", type=click.Choice(["paper", "small"]), default="paper",
+              help="Architecture preset: the paper's network, or a small one for CPUs and quick runs "
+                   "(--config model options override it).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and exit.")
 def train_command(model, data, out, config_file, resume, max_steps, max_epochs, batch_size, lr, seed, device,
-                  nproc, dry_run) -> None:
+                  nproc, preset, dry_run) -> None:
     """Train MODEL (halo or ehrdiff) on a corpus; the best model lands in OUT/model."""
-    from ehrsynth.pipeline import read_config_file, train_model
+    from ehrsynth.pipeline import MODEL_PRESETS, read_config_file, train_model
 
     sections = read_config_file(config_file)
+    sections["model"] = {**MODEL_PRESETS[model][preset], **sections["model"]}
     overrides = {"max_steps": max_steps, "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
                  "seed": seed, "device": device}
     sections["training"].update({k: v for k, v in overrides.items() if v is not None})
@@ -211,12 +215,15 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 @click.option("--seed", type=int, default=0, help="Sampling seed: the same seed gives the same patients.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Patients sampled at once.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-def generate(run, n, out, output_format, conditions, seed, batch_size, device) -> None:
+@click.option("--condition-mode", type=click.Choice(["forced", "posterior"]), default=None,
+              help="HALO: force the fixed static values (forced), or sample exactly given them (posterior).")
+def generate(run, n, out, output_format, conditions, seed, batch_size, device, condition_mode) -> None:
     """Generate N synthetic patients from a trained RUN and write them to OUT."""
     from ehrsynth.pipeline import generate_corpus, parse_conditions, write_output
 
+    extra = {"condition": condition_mode} if condition_mode else {}
     corpus = generate_corpus(run, n, seed=seed, conditions=parse_conditions(conditions), batch_size=batch_size,
-                             progress=True, device=device)
+                             progress=True, device=device, **extra)
     write_output(corpus, out, output_format)
     summary = corpus.describe()
     click.echo(f"wrote {summary['patients']} patients, {summary['visits']} visits, "

@@ -114,8 +114,12 @@ def generate_corpus(
     batch_size: int = 256,
     progress: bool = True,
     device: str = "auto",
+    **sampler_options: Any,
 ) -> PatientCorpus:
-    """Sample ``n`` patients from the model saved in ``run_dir`` (streamed in chunks, then stacked)."""
+    """Sample ``n`` patients from the model saved in ``run_dir`` (streamed in chunks, then stacked).
+
+    ``sampler_options`` go to the model's sampler (e.g. HALO's ``condition='posterior'``).
+    """
     if n < 1:
         raise ConfigError(f"-n must be >= 1, got {n!r}")
     if device == "auto":
@@ -123,9 +127,10 @@ def generate_corpus(
     model = load_model(run_dir, device=device)
     if hasattr(model, "iter_generate"):
         chunks = list(model.iter_generate(n, seed=seed, conditions=conditions, batch_size=batch_size,
-                                          progress=progress))
+                                          progress=progress, **sampler_options))
         return concat_corpora(chunks)
-    return model.generate(n, seed=seed, conditions=conditions, batch_size=batch_size, progress=progress)
+    return model.generate(n, seed=seed, conditions=conditions, batch_size=batch_size, progress=progress,
+                          **sampler_options)
 
 
 def write_output(corpus: PatientCorpus, out: str | Path, output_format: str) -> Path:
@@ -202,15 +207,22 @@ def evaluate_to(
     return report, headline(metrics)
 
 
+# Architecture presets of ``ehrsynth train --preset``: the paper's networks, or small ones for CPUs.
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "halo": {"paper": {}, "small": {"n_layer": 2, "n_head": 4, "n_embd": 128}},
+    "ehrdiff": {"paper": {}, "small": {"hidden_dims": [512, 256, 256, 256, 512], "time_dim": 256,
+                                       "fourier_dim": 128}},
+}
+
 # Small configs for the bundled demo: the whole path runs in a few minutes on a 2-core CPU.
 DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "halo": {
-        "model": {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_ctx": 48},
-        "training": {"batch_size": 32, "lr": 1e-3, "max_steps": 600, "eval_every": 100, "checkpoint_every": 100,
+        "model": {**MODEL_PRESETS["halo"]["small"], "n_ctx": 48},
+        "training": {"batch_size": 32, "lr": 1e-3, "max_steps": 2000, "eval_every": 250, "checkpoint_every": 250,
                      "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.1},
     },
     "ehrdiff": {
-        "model": {"hidden_dims": [512, 256, 256, 256, 512], "time_dim": 256, "fourier_dim": 128},
+        "model": MODEL_PRESETS["ehrdiff"]["small"],
         "training": {"batch_size": 256, "max_steps": 1500, "eval_every": 250, "checkpoint_every": 250},
     },
 }

@@ -68,8 +68,8 @@ def visit_times(corpus: PatientCorpus, anchor_date: str = DEFAULT_ANCHOR) -> np.
 
     Synthetic corpora have no dates (``visit_start`` is NaT) but do have ``visit_days``. Their first visit is
     put at 1 January of the birth year plus ``age_at_first_visit`` years (365.25 days each) when both are known,
-    so a re-read gives back the age; otherwise at ``anchor_date``. Later visits follow at ``visit_days``.
-    A visit with neither a start nor a day offset stays NaT. Derived times are whole seconds, like
+    so a re-read gives back the age; otherwise at ``anchor_date``. Later visits follow at ``visit_days``; a
+    visit with no day offset takes the previous visit's day (1 s later, see below). Derived times are whole seconds, like
     ``visit_start``, and distinct within a patient (ties move 1 s apart, so MEDS does not merge them).
     """
     anchor = parse_anchor(anchor_date).astype("datetime64[us]")
@@ -79,7 +79,13 @@ def visit_times(corpus: PatientCorpus, anchor_date: str = DEFAULT_ANCHOR) -> np.
     age_seconds = np.where(np.isfinite(age), age, 0.0) * _DAYS_PER_YEAR * 86_400
     from_birth = born + np.round(age_seconds).astype(np.int64).astype("timedelta64[s]").astype("timedelta64[us]")
     first = np.where(np.isnat(born) | ~np.isfinite(age), anchor, from_birth)  # (P,)
-    days = np.asarray(corpus.visit_days, dtype=np.float64)
+    days = np.array(corpus.visit_days, dtype=np.float64)
+    # An unknown day takes its predecessor's (a patient's first visit is day 0), so no visit is lost; the tie
+    # rule below then keeps such visits 1 s apart and in corpus order.
+    first_visits = np.asarray(corpus.visit_offsets[:-1])[corpus.visits_per_patient() > 0]
+    days[first_visits] = np.where(np.isfinite(days[first_visits]), days[first_visits], 0.0)
+    last_known = np.maximum.accumulate(np.where(np.isfinite(days), np.arange(len(days)), 0))
+    days = days[last_known] if len(days) else days
     offset = np.round(np.where(np.isfinite(days), days, 0.0) * 86_400).astype(np.int64).astype("timedelta64[s]")
     derived = np.where(np.isfinite(days), first[corpus.visit_patient()] + offset, np.datetime64("NaT", "us"))
     # Visits of one patient on the same derived time would merge in time-keyed formats (MEDS): a tie moves
