@@ -1,0 +1,22 @@
+"""EHRDiff (Yuan, Zhou & Yu, TMLR 2024): EDM diffusion over patients' multi-hot code vectors.
+
+Four pieces, as EDM: the raw network and the preconditioner and loss (:mod:`.network`), the sampler
+(:mod:`.sampling`), and the model tying them to the corpus (:mod:`.model`).
+"""
+
+from ehrsynth.models.ehrdiff.model import EHRDiffConfig, EHRDiffModel, data_density, static_column_names
+from ehrsynth.models.ehrdiff.network import EDMLoss, EDMPrecond, MLPDenoiser, edm_coefficients, edm_loss_weight
+from ehrsynth.models.ehrdiff.sampling import (
+    EHRDiffSampling,
+    binarize,
+    edm_sigma_schedule,
+    guided_denoiser,
+    heun_sampler,
+    per_sample_noise,
+)
+
+__all__ = [
+    "EDMLoss", "EDMPrecond", "EHRDiffConfig", "EHRDiffModel", "EHRDiffSampling", "MLPDenoiser", "binarize",
+    "data_density", "edm_coefficients", "edm_loss_weight", "edm_sigma_schedule", "guided_denoiser", "heun_sampler",
+    "per_sample_noise", "static_column_names",
+]
