@@ -6,6 +6,7 @@ Every :class:`~ehrsynth.errors.EhrsynthError` becomes one line on stderr and exi
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,9 +40,15 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="ehrsynth")
-def cli() -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often fastest on a busy machine).")
+def cli(threads: int | None) -> None:
     """ehrsynth: learn from longitudinal EHRs, generate synthetic patients, and measure fidelity, utility
     and privacy."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @cli.command()
@@ -177,6 +184,8 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
         return
     result = train_model(model, data, out, model_options=sections["model"], training_options=sections["training"],
                          resume=resume, progress=True)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return  # under torchrun only rank 0 reports
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
     click.echo(f"trained {result.steps} steps; best validation loss {best}; model in {out / 'model'}")
 
@@ -217,13 +226,17 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--condition-mode", type=click.Choice(["forced", "posterior"]), default=None,
               help="HALO: force the fixed static values (forced), or sample exactly given them (posterior).")
-def generate(run, n, out, output_format, conditions, seed, batch_size, device, condition_mode) -> None:
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="EHRDiff: Heun steps (default 32).")
+@click.option("--guidance", type=float, default=None,
+              help="EHRDiff: classifier-free guidance scale for --condition (default 1).")
+def generate(run, n, out, output_format, conditions, seed, batch_size, device, condition_mode, steps,
+             guidance) -> None:
     """Generate N synthetic patients from a trained RUN and write them to OUT."""
     from ehrsynth.pipeline import generate_corpus, parse_conditions, write_output
 
-    extra = {"condition": condition_mode} if condition_mode else {}
     corpus = generate_corpus(run, n, seed=seed, conditions=parse_conditions(conditions), batch_size=batch_size,
-                             progress=True, device=device, **extra)
+                             progress=True, device=device, condition_mode=condition_mode, steps=steps,
+                             guidance=guidance)
     write_output(corpus, out, output_format)
     summary = corpus.describe()
     click.echo(f"wrote {summary['patients']} patients, {summary['visits']} visits, "

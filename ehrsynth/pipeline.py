@@ -114,17 +114,37 @@ def generate_corpus(
     batch_size: int = 256,
     progress: bool = True,
     device: str = "auto",
-    **sampler_options: Any,
+    condition_mode: str | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
 ) -> PatientCorpus:
     """Sample ``n`` patients from the model saved in ``run_dir`` (streamed in chunks, then stacked).
 
-    ``sampler_options`` go to the model's sampler (e.g. HALO's ``condition='posterior'``).
+    Args:
+        condition_mode: HALO only: ``'forced'`` or ``'posterior'`` conditioning.
+        steps, guidance: EHRDiff only: Heun steps and classifier-free guidance scale.
+
+    Raises:
+        ConfigError: for an option the model family does not take (named as its CLI flag).
     """
     if n < 1:
         raise ConfigError(f"-n must be >= 1, got {n!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(run_dir, device=device)
+    sampler_options: dict[str, Any] = {}
+    if condition_mode is not None:
+        if model.family != "halo":
+            raise ConfigError(f"--condition-mode applies to HALO, not to {model.family!r}")
+        sampler_options["condition"] = condition_mode
+    if steps is not None or guidance is not None:
+        if model.family != "ehrdiff":
+            raise ConfigError(f"--steps/--guidance apply to EHRDiff, not to {model.family!r}")
+        from ehrsynth.models.ehrdiff.sampling import EHRDiffSampling
+
+        defaults = EHRDiffSampling()
+        sampler_options["sampling"] = EHRDiffSampling(steps=steps or defaults.steps,
+                                                      guidance=defaults.guidance if guidance is None else guidance)
     if hasattr(model, "iter_generate"):
         chunks = list(model.iter_generate(n, seed=seed, conditions=conditions, batch_size=batch_size,
                                           progress=progress, **sampler_options))

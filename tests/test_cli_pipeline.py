@@ -92,3 +92,9 @@ def test_bad_input_exits_2_without_output(trained):
     assert not (trained / "never").exists()
     bad = run("generate", trained / "run", "-n", 5, "--out", trained / "never", "--condition", "oops", ok=False)
     assert bad.returncode == 2 and "--condition" in bad.stderr
+
+
+def test_family_specific_flags_are_refused_by_name(trained):
+    bad = run("generate", trained / "run", "-n", 5, "--out", trained / "never2", "--steps", 8, ok=False)
+    assert bad.returncode == 2 and "--steps/--guidance apply to EHRDiff" in bad.stderr
+    assert not (trained / "never2").exists()

@@ -39,7 +39,9 @@ def test_parts_subset_and_concat(mimic3_corpus):
     ids = np.concatenate([p.patient_ids for p in parts])
     assert len(set(ids)) == 100
     order = np.argsort(mimic3_corpus.split, kind="stable")
-    assert concat_corpora(parts).equals(mimic3_corpus.subset(order))
+    stacked = concat_corpora(parts)
+    assert stacked.equals(mimic3_corpus.subset(order))
+    assert np.array_equal(stacked.vocab.counts, mimic3_corpus.vocab.counts)  # recounted: every patient is back
     with pytest.raises(ConfigError, match="split part"):
         mimic3_corpus.part("holdout")
 

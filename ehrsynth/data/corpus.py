@@ -383,7 +383,8 @@ def empty_statics(n_patients: int) -> dict[str, np.ndarray]:
 
 
 def concat_corpora(parts: list[PatientCorpus]) -> PatientCorpus:
-    """Stack corpora that share one vocabulary and label set (e.g. generation chunks) into one.
+    """Stack corpora that share one vocabulary and label set (e.g. generation chunks) into one; vocabulary
+    counts are recounted over the result (visits containing each code).
 
     Raises:
         ConfigError: when the parts' vocabularies or label names differ.
@@ -411,5 +412,6 @@ def concat_corpora(parts: list[PatientCorpus]) -> PatientCorpus:
         code_offsets=offsets("code_offsets"), codes=stack("codes"), visit_days=stack("visit_days"),
         visit_start=stack("visit_start"), sex=stack("sex"), birth_year=stack("birth_year"),
         age_at_first_visit=stack("age_at_first_visit"), death=stack("death"), labels=stack("labels"),
-        label_names=first.label_names, vocab=first.vocab, split=stack("split"), stats=dict(first.stats),
+        label_names=first.label_names, split=stack("split"), stats=dict(first.stats),
+        vocab=Vocabulary(first.vocab.codes, np.bincount(stack("codes"), minlength=len(first.vocab)).astype(np.int64)),
     )

@@ -53,7 +53,8 @@ class TrainConfig:
             EHRDiff reference's fixed 20,000 steps that a short run never leaves.
         min_lr_ratio: floor of the cosine schedule, as a fraction of ``lr``.
         ema_decay: keep an exponential moving average of the weights (EHRDiff: 0.999); the EMA weights are the
-            ones saved as the model. None disables it.
+            ones saved as the model. The decay ramps up as min(ema_decay, (1 + t) / (10 + t)) at step t, so a
+            short run is not dominated by its initial weights. None disables it.
         grad_clip: clip the global gradient norm to this value; None disables clipping.
         eval_every: validate every this many steps; None means once per epoch (so it always fires).
         patience: stop after this many validations without improvement; None disables early stopping.
@@ -248,8 +249,9 @@ def train(
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            if ema is not None:
-                torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - config.ema_decay)
+            if ema is not None:  # EDM-style ramp: a short run does not keep mostly its initial weights
+                decay = min(config.ema_decay, (1 + state["step"]) / (10 + state["step"]))
+                torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - decay)
             running += loss.detach()
             running_count += 1
             state["step"] += 1

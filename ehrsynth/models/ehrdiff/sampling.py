@@ -3,8 +3,8 @@ Algorithm 1), classifier-free guidance, binarisation, and per-sample seeded nois
 
 Binarisation is the reference's round(clip(x, 0, 1)). A Bernoulli draw with probability clip(x, 0, 1) was
 measured as the alternative (benchmarks/bench_ehrdiff.py, GiBleed, 32 steps): it recovers the rarest codes
-(NZC 80 of 80 against 77) but lowers the prevalence correlation (0.978 against 0.994), inflates patients (14.9
-codes against 12.7; real 12.2) and worsens CMD (0.025 against 0.022), so it is not offered.
+(NZC 80 of 80 against 77) but lowers the prevalence correlation (0.978 against 0.994), inflates patients (15.0
+codes against 12.7; real 12.2) and worsens CMD (0.024 against 0.022), so it is not offered.
 
 A denoiser here is any callable ``denoise(x, sigma) -> x0_hat`` with x (B, D) and sigma a 0-d tensor.
 """
