@@ -105,21 +105,42 @@ def build_corpus(
         stats["events_other_systems"] = int(((ev_code < 0) & raw_ids.is_not_null().to_numpy()).sum())
     del raw_ids
 
-    # ---- visits: one row per (patient, visit) key, ordered by patient then time -----------------------------
-    keys = events.select("patient", "visit", pl.col("time").cast(pl.Datetime("us")))
-    visits = keys.group_by("patient", "visit").agg(pl.col("time").min())
-    if patients is not None:  # patients with no event at all get a key-less visit, empty by construction
-        listed = patients.select(pl.col("patient").cast(visits["patient"].dtype, strict=False)).unique()
-        absent = listed.join(visits.select("patient").unique(), on="patient", how="anti")
-        visits = pl.concat([visits, absent.with_columns(pl.lit(None).cast(visits["visit"].dtype).alias("visit"),
-                                                        pl.lit(None, dtype=pl.Datetime("us")).alias("time"))])
-    visits = visits.sort("patient", "time", "visit", nulls_last=True).with_row_index("visit_idx")
-    ev_visit = keys.select("patient", "visit").join(
-        visits.select("patient", "visit", "visit_idx"), on=["patient", "visit"], how="left", maintain_order="left"
-    )["visit_idx"].to_numpy().astype(np.int64)
-    del keys
-    visit_key_patient = visits["patient"].rank("dense").cast(pl.Int64).to_numpy() - 1  # (V0,)
+    # ---- visits: one row per (patient, visit) key, ordered by patient then time (numpy on int keys) --------
+    listed = None if patients is None else patients["patient"]
+    patient_key, patient_values = _int_keys(events["patient"], listed)
+    visit_key, _ = _int_keys(events["visit"])
+    time_us = events["time"].cast(pl.Datetime("us")).to_physical().fill_null(_LAST).to_numpy()
+    if listed is not None:  # patients with no event at all get a key-less, timeless visit: empty by construction
+        listed_key, _ = _int_keys(listed, events["patient"])
+        absent = np.setdiff1d(listed_key[listed_key != _LAST], patient_key)
+        patient_key = np.concatenate([patient_key, absent])
+        visit_key = np.concatenate([visit_key, np.full(len(absent), _LAST)])
+        time_us = np.concatenate([time_us, np.full(len(absent), _LAST)])
+    by_key = np.lexsort((visit_key, patient_key))
+    new_key = np.ones(len(by_key), dtype=bool)
+    new_key[1:] = ((patient_key[by_key[1:]] != patient_key[by_key[:-1]])
+                   | (visit_key[by_key[1:]] != visit_key[by_key[:-1]]))
+    starts = np.flatnonzero(new_key)
+    event_key = np.empty(len(by_key), dtype=np.int64)
+    event_key[by_key] = np.cumsum(new_key) - 1
+    key_patient, key_visit = patient_key[by_key[starts]], visit_key[by_key[starts]]
+    key_time = np.minimum.reduceat(time_us[by_key], starts) if len(starts) else time_us[:0]
+    del by_key, new_key, visit_key, time_us
+    in_time_order = np.lexsort((key_visit, key_time, key_patient))  # unknown times sort last
+    visit_of_key = np.empty(len(in_time_order), dtype=np.int64)
+    visit_of_key[in_time_order] = np.arange(len(in_time_order))
+    ev_visit = visit_of_key[event_key[: events.height]]
+    del event_key, visit_of_key
+    key_patient, key_time = key_patient[in_time_order], key_time[in_time_order]
+    visits = pl.DataFrame({
+        "patient": pl.Series(key_patient) if patient_values is None else patient_values.gather(key_patient),
+        "time": pl.Series(key_time).replace(_LAST, None).cast(pl.Datetime("us")),
+    })
+    if patient_values is None:
+        visits = visits.with_columns(pl.col("patient").cast(events["patient"].dtype))
+    visit_key_patient = np.cumsum(np.r_[True, key_patient[1:] != key_patient[:-1]]) - 1  # (V0,) dense rank
     n_visits0 = visits.height
+    del key_patient, key_time, key_visit, in_time_order
 
     # ---- events: drop null codes, de-duplicate (visit, code) keeping source order, minimum count ----------
     coded = ev_code >= 0
@@ -168,7 +189,8 @@ def build_corpus(
     on_kept = keep_visit[ev_visit]
     ev_visit, ev_code = new_visit[ev_visit[on_kept]], ev_code[on_kept]
     visits = visits.filter(pl.Series(keep_visit))
-    patient_of_visit = visits["patient"].rank("dense").cast(pl.Int64).to_numpy() - 1
+    kept_patient_key = visit_key_patient[keep_visit]
+    patient_of_visit = np.cumsum(np.r_[True, kept_patient_key[1:] != kept_patient_key[:-1]]) - 1
     n_patients, n_visits = int(patient_of_visit.max()) + 1, visits.height
 
     # ---- vocabulary (descending count, ties by code) and final code ids -------------------------------------
@@ -224,6 +246,27 @@ def build_corpus(
         split=random_split(n_patients, options.split, seed=options.seed),
         stats=stats,
     )
+
+
+_LAST = np.iinfo(np.int64).max  # key of a missing visit id or time: sorts after every real one
+
+
+def _int_keys(series: pl.Series, also: pl.Series | None = None) -> tuple[np.ndarray, pl.Series | None]:
+    """Order-preserving int64 keys for an id column.
+
+    Integers keep their value; dates and times use their physical value; anything else (strings) becomes its
+    rank among the sorted distinct values of ``series`` and ``also``, returned as the second element so keys map
+    back to values. Nulls become the largest key.
+    """
+    if series.dtype.is_integer() and (also is None or also.dtype.is_integer()):
+        return series.cast(pl.Int64).fill_null(_LAST).to_numpy(), None
+    if series.dtype == pl.Date or isinstance(series.dtype, pl.Datetime):
+        return series.to_physical().cast(pl.Int64).fill_null(_LAST).to_numpy(), None
+    text = series.cast(pl.String)
+    pool = text if also is None else pl.concat([text, also.cast(pl.String)])
+    values = pool.drop_nulls().unique().sort()
+    keys = text.cast(pl.Enum(values)).to_physical().cast(pl.Int64).fill_null(_LAST).to_numpy()
+    return keys, values
 
 
 def _rank_within_runs(sorted_keys: np.ndarray) -> np.ndarray:
