@@ -248,12 +248,12 @@ DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: int = 0,
+def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: int = 0, max_steps: int | None = None,
              progress: bool = True, say=print) -> tuple[Path, list]:
     """prepare -> split -> train -> generate -> evaluate -> report, on the bundled OMOP GiBleed tables.
 
     Everything lands under ``out``: ``corpus/``, ``run/`` (model, checkpoint, metrics log), ``synthetic/`` and
-    ``report/``. A previous demo run in ``out`` is replaced.
+    ``report/``. A previous demo run in ``out`` is replaced. ``max_steps`` shortens training (for tests).
 
     Returns:
         The report path and the headline rows.
@@ -268,6 +268,8 @@ def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: i
         raise ConfigError(f"--model must be one of {', '.join(DEMO_SETTINGS)}, got {family!r}")
     out = Path(out)
     settings = DEMO_SETTINGS[family]
+    if max_steps is not None:
+        settings = {**settings, "training": {**settings["training"], "max_steps": max_steps}}
     max_visits = settings["model"]["n_ctx"] - 3 if family == "halo" else None
     say(f"[1/5] reading the bundled OMOP GiBleed tables (keeping each patient's last {max_visits} visits)"
         if max_visits else "[1/5] reading the bundled OMOP GiBleed tables")

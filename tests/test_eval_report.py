@@ -65,3 +65,22 @@ def test_evaluate_cli_reads_other_formats(gibleed, tmp_path):
                           "--out", str(tmp_path / "report2")], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "report2").exists()
+
+
+def test_report_renders_from_a_real_demo_run(tmp_path):
+    from ehrsynth.pipeline import run_demo
+
+    lines = []
+    report, rows = run_demo("halo", tmp_path / "demo", seed=0, max_steps=60, progress=False, say=lines.append)
+    assert report == tmp_path / "demo" / "report" / "report.html"
+    assert [line[:5] for line in lines if line.startswith("[")] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    text = report.read_text()
+    for section in ("headline", "fidelity", "structure", "utility", "privacy"):
+        assert f'id="{section}"' in text
+    assert len(re.findall(r'<img alt="\w+" src="data:image/png;base64,', text)) == 3
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    assert metrics["_meta"]["synthetic_patients"] == 1940 and metrics["_meta"]["train_patients"] == 1940
+    assert "likelihood_membership" in metrics and metrics["perplexity_test"]["per_code_perplexity"] > 1
+    assert {label for _, label, _, _ in rows} == {label for _, label, _, _ in HEADLINES}
+    # even a 60-step model reproduces GiBleed's code prevalences closely
+    assert metrics["prevalence"]["pearson"] > 0.9
