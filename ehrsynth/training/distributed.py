@@ -55,6 +55,16 @@ def mean_across(value: torch.Tensor, world: World) -> float:
     return float(value)
 
 
+def gather_rng_states(world: World) -> list[torch.Tensor]:
+    """Every process's CPU RNG state, in rank order (a collective: all ranks must call it)."""
+    state = torch.get_rng_state()
+    if world.size == 1:
+        return [state]
+    states: list[torch.Tensor | None] = [None] * world.size
+    torch_dist.all_gather_object(states, state)
+    return [s for s in states if s is not None]
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         torch_dist.barrier()

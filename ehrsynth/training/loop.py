@@ -196,7 +196,7 @@ def train(
     world = dist.setup()
     is_main = world.rank == 0
     device = _device(config)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + world.rank)  # each process draws its own noise (EHRDiff sigmas, dropout)
     model = model.to(device)
     ema = [p.detach().clone() for p in model.parameters()] if config.ema_decay else None
     optimizer = _make_optimizer(model, config)
@@ -279,8 +279,9 @@ def train(
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
             if state["step"] % config.checkpoint_every == 0 or end_of_run or state["stopped_early"]:
+                rng_states = dist.gather_rng_states(world)
                 if is_main:
-                    _save_checkpoint(checkpoint_dir, model, ema, optimizer, state)
+                    _save_checkpoint(checkpoint_dir, model, ema, optimizer, state, rng_states)
                 dist.barrier(world)
             if state["batch_in_epoch"] == 0:
                 break  # new epoch: new order
@@ -372,7 +373,7 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------
-def _save_checkpoint(directory: Path, model, ema, optimizer, state) -> None:
+def _save_checkpoint(directory: Path, model, ema, optimizer, state, rng_states) -> None:
     """Write weights, EMA, optimizer tensors, RNG and loop state into a staging dir, then rename it in."""
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=directory.parent))
     try:
@@ -383,7 +384,8 @@ def _save_checkpoint(directory: Path, model, ema, optimizer, state) -> None:
         for index, slots in opt_state["state"].items():
             for name, value in slots.items():
                 tensors[f"opt.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        for rank, rng in enumerate(rng_states):  # one stream per process, so a resumed DDP run is exact
+            tensors[f"rng.torch_cpu.{rank}"] = rng
         if torch.cuda.is_available():
             tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
         atomic_save_tensors(tensors, staging / "state.safetensors")
@@ -411,7 +413,8 @@ def _load_checkpoint(directory: Path, model, ema, optimizer, device) -> dict[str
             _, index, name = key.split(".", 2)
             opt_state["state"].setdefault(int(index), {})[name] = value
     optimizer.load_state_dict(opt_state)
-    torch.set_rng_state(tensors["rng.torch_cpu"])
+    rank = dist.World().rank if not torch.distributed.is_initialized() else torch.distributed.get_rank()
+    torch.set_rng_state(tensors.get(f"rng.torch_cpu.{rank}", tensors["rng.torch_cpu.0"]))
     if "rng.torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
     return loop_state
