@@ -6,6 +6,8 @@ Each is one function the CLI calls after parsing; Python users call them directl
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from ehrsynth.data.corpus import PatientCorpus, concat_corpora
+from ehrsynth.data.stream import save_stream
 from ehrsynth.errors import ConfigError, InputError
 from ehrsynth.models import model_class
 from ehrsynth.models.io import config_from_dict, load_model
@@ -105,7 +108,7 @@ def parse_conditions(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
-def generate_corpus(
+def generate_chunks(
     run_dir: str | Path,
     n: int,
     *,
@@ -117,8 +120,8 @@ def generate_corpus(
     condition_mode: str | None = None,
     steps: int | None = None,
     guidance: float | None = None,
-) -> PatientCorpus:
-    """Sample ``n`` patients from the model saved in ``run_dir`` (streamed in chunks, then stacked).
+) -> Iterator[PatientCorpus]:
+    """Sample ``n`` patients from the model saved in ``run_dir``, yielded as corpus chunks.
 
     Args:
         condition_mode: HALO only: ``'forced'`` or ``'posterior'`` conditioning.
@@ -132,25 +135,50 @@ def generate_corpus(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(run_dir, device=device)
-    sampler_options: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     if condition_mode is not None:
         if model.family != "halo":
             raise ConfigError(f"--condition-mode applies to HALO, not to {model.family!r}")
-        sampler_options["condition"] = condition_mode
+        options["condition"] = condition_mode
     if steps is not None or guidance is not None:
         if model.family != "ehrdiff":
             raise ConfigError(f"--steps/--guidance apply to EHRDiff, not to {model.family!r}")
         from ehrsynth.models.ehrdiff.sampling import EHRDiffSampling
 
         defaults = EHRDiffSampling()
-        sampler_options["sampling"] = EHRDiffSampling(steps=steps or defaults.steps,
-                                                      guidance=defaults.guidance if guidance is None else guidance)
+        options["sampling"] = EHRDiffSampling(steps=steps or defaults.steps,
+                                              guidance=defaults.guidance if guidance is None else guidance)
     if hasattr(model, "iter_generate"):
-        chunks = list(model.iter_generate(n, seed=seed, conditions=conditions, batch_size=batch_size,
-                                          progress=progress, **sampler_options))
-        return concat_corpora(chunks)
-    return model.generate(n, seed=seed, conditions=conditions, batch_size=batch_size, progress=progress,
-                          **sampler_options)
+        return model.iter_generate(n, seed=seed, conditions=conditions, batch_size=batch_size, progress=progress,
+                                   **options)
+    return iter([model.generate(n, seed=seed, conditions=conditions, batch_size=batch_size, progress=progress,
+                                **options)])
+
+
+def generate_corpus(run_dir: str | Path, n: int, **options: Any) -> PatientCorpus:
+    """Sample ``n`` patients into one in-memory corpus (see :func:`generate_chunks` for the options)."""
+    return concat_corpora(list(generate_chunks(run_dir, n, **options)))
+
+
+def generate_to(run_dir: str | Path, n: int, out: str | Path, output_format: str = "corpus",
+                **options: Any) -> PatientCorpus:
+    """Sample ``n`` patients straight to disk, chunk by chunk, and write them in ``output_format``.
+
+    Generation holds one chunk in memory at a time: chunks are saved as they come and merged through
+    memory-mapped arrays. Other formats are then written from that memory-mapped corpus.
+
+    Returns:
+        The generated corpus (memory-mapped).
+    """
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    chunks = generate_chunks(run_dir, n, **options)
+    if output_format == "corpus":
+        return save_stream(chunks, out)
+    with tempfile.TemporaryDirectory(prefix=".ehrsynth-generate.", dir=Path(out).resolve().parent) as tmp:
+        corpus = save_stream(chunks, Path(tmp) / "corpus")
+        write_output(corpus, out, output_format)
+        return PatientCorpus.load(Path(tmp) / "corpus", mmap=False)
 
 
 def write_output(corpus: PatientCorpus, out: str | Path, output_format: str) -> Path:
@@ -295,6 +323,6 @@ def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: i
     return report, rows
 
 
-__all__ = ["OUTPUT_FORMATS", "generate_corpus", "parse_conditions", "perplexity", "read_config_file",
+__all__ = ["OUTPUT_FORMATS", "generate_chunks", "generate_corpus", "generate_to", "parse_conditions", "perplexity", "read_config_file",
            "train_model", "write_output", "evaluate_to", "load_corpus_part",
            "run_demo"]

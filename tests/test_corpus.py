@@ -90,3 +90,17 @@ def test_flatten_visits_keeps_every_code_once(mimic3_corpus):
     assert np.array_equal(flat.patient_multi_hot(np.arange(100)), mimic3_corpus.patient_multi_hot(np.arange(100)))
     assert flat.n_codes == int(mimic3_corpus.patient_multi_hot(np.arange(100)).sum())  # 1,741 < 1,761 occurrences
     assert np.all(flat.visit_days == 0)
+
+
+def test_save_stream_merges_chunks_exactly(mimic3_corpus, tmp_path):
+    from ehrsynth.data.stream import save_stream
+
+    parts = [mimic3_corpus.subset(np.arange(start, min(start + 30, 100))) for start in range(0, 100, 30)]
+    merged = save_stream(iter(parts), tmp_path / "merged")
+    assert isinstance(merged.codes, np.memmap)
+    assert merged.equals(concat_corpora(parts)) and merged.equals(mimic3_corpus)
+    assert np.array_equal(merged.vocab.counts, mimic3_corpus.vocab.counts)
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging left behind
+    with pytest.raises(ConfigError, match="no chunk"):
+        save_stream(iter([]), tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()

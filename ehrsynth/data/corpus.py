@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
 SEX_NAMES = ("F", "M")  # sex code 0 = F, 1 = M, -1 = unknown
 
-_ARRAYS = (
+ARRAY_NAMES = (
     "visit_offsets", "code_offsets", "codes", "visit_days", "visit_start",
     "sex", "birth_year", "age_at_first_visit", "death", "labels", "split",
 )
@@ -268,7 +268,7 @@ class PatientCorpus:
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            for name in _ARRAYS:
+            for name in ARRAY_NAMES:
                 np.save(staging / f"{name}.npy", np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
             pl.DataFrame({"patient_id": np.asarray(self.patient_ids).astype(str)}).write_parquet(
                 staging / "patients.parquet"
@@ -311,7 +311,7 @@ class PatientCorpus:
             raise InputError(f"unsupported corpus format {header.get('format')!r} v{header.get('version')!r}",
                              file=header_path)
         arrays = {}
-        for name in _ARRAYS:
+        for name in ARRAY_NAMES:
             path = directory / f"{name}.npy"
             if not path.is_file():
                 raise MissingFileError("corpus array missing", file=path)
@@ -324,7 +324,7 @@ class PatientCorpus:
 
     def equals(self, other: PatientCorpus, *, compare_ids: bool = True, compare_dates: bool = True) -> bool:
         """Exact equality of contents (used by round-trip tests)."""
-        names = [n for n in _ARRAYS if compare_dates or n not in ("visit_start",)]
+        names = [n for n in ARRAY_NAMES if compare_dates or n not in ("visit_start",)]
         same = all(_array_equal(getattr(self, n), getattr(other, n)) for n in names)
         if compare_ids:
             same = same and np.array_equal(np.asarray(self.patient_ids).astype(str),
