@@ -232,12 +232,14 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 def generate(run, n, out, output_format, conditions, seed, batch_size, device, condition_mode, steps,
              guidance) -> None:
     """Generate N synthetic patients from a trained RUN and write them to OUT."""
-    from ehrsynth.pipeline import generate_to, parse_conditions
+    from ehrsynth.pipeline import generate_sharded, parse_conditions
 
     Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
-    corpus = generate_to(run, n, out, output_format, seed=seed, conditions=parse_conditions(conditions),
-                         batch_size=batch_size, progress=True, device=device, condition_mode=condition_mode,
-                         steps=steps, guidance=guidance)
+    corpus = generate_sharded(run, n, out, output_format, seed=seed, conditions=parse_conditions(conditions),
+                              batch_size=batch_size, progress=True, device=device, condition_mode=condition_mode,
+                              steps=steps, guidance=guidance)
+    if corpus is None:
+        return  # under torchrun, rank 0 reports
     summary = corpus.describe()
     click.echo(f"wrote {summary['patients']} patients, {summary['visits']} visits, "
                f"{summary['code_occurrences']} codes to {out} ({output_format})")

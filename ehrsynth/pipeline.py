@@ -5,7 +5,10 @@ Each is one function the CLI calls after parsing; Python users call them directl
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +96,47 @@ def train_model(
     return train(model, train_part, val_part, train_config, run_dir, resume=resume, progress=progress)
 
 
+def generate_sharded(run_dir: str | Path, n: int, out: str | Path, output_format: str = "corpus", *,
+                     seed: int = 0, progress: bool = True, **options: Any) -> PatientCorpus | None:
+    """:func:`generate_to`, split over the processes of a ``torchrun`` launch (one process: no split).
+
+    Rank r samples its contiguous share of the ``n`` patients (``numpy.array_split`` order) from its own seed,
+    ``SeedSequence([seed, r])``, so shares never repeat a stream and a launch with the same world size and seed
+    gives the same patients. Patient ids are global (0..n-1). Rank 0 merges the shares and writes the output;
+    the other ranks return None.
+    """
+    from ehrsynth.training import distributed as dist
+
+    world = dist.setup()
+    if world.size == 1:
+        return generate_to(run_dir, n, out, output_format, seed=seed, progress=progress, **options)
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    out = Path(out).resolve()
+    shards = out.parent / f".{out.name}.shards"
+    share = np.array_split(np.arange(n), world.size)[world.rank]
+    rank_seed = int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0])
+    if len(share):
+        part = save_stream(generate_chunks(run_dir, len(share), seed=rank_seed, progress=progress and world.rank == 0,
+                                           **options), shards / f"rank-{world.rank:05d}")
+        ids = np.arange(share[0], share[0] + part.n_patients).astype(str).astype(object)
+        dataclasses.replace(part, patient_ids=ids).save(shards / f"rank-{world.rank:05d}")
+    dist.barrier(world)
+    result = None
+    if world.rank == 0:
+        parts = (PatientCorpus.load(p) for p in sorted(shards.iterdir()))
+        if output_format == "corpus":
+            result = save_stream(parts, out)
+        else:
+            corpus = save_stream(parts, shards / "merged")
+            write_output(corpus, out, output_format)
+            result = corpus
+        shutil.rmtree(shards, ignore_errors=True)
+    dist.barrier(world)
+    dist.teardown(world)
+    return result
+
+
 def parse_conditions(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
     """``['label:mortality=1', 'sex=F']`` -> ``{'label:mortality': '1', 'sex': 'F'}``.
 
@@ -134,6 +178,8 @@ def generate_chunks(
         raise ConfigError(f"-n must be >= 1, got {n!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # under torchrun each process takes its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model = load_model(run_dir, device=device)
     options: dict[str, Any] = {}
     if condition_mode is not None:
@@ -323,6 +369,6 @@ def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: i
     return report, rows
 
 
-__all__ = ["OUTPUT_FORMATS", "generate_chunks", "generate_corpus", "generate_to", "parse_conditions", "perplexity", "read_config_file",
+__all__ = ["OUTPUT_FORMATS", "generate_chunks", "generate_corpus", "generate_to", "generate_sharded", "parse_conditions", "perplexity", "read_config_file",
            "train_model", "write_output", "evaluate_to", "load_corpus_part",
            "run_demo"]
