@@ -38,7 +38,7 @@ def _train(corpus_dir, out, model, model_options, *, nproc, steps, extra=(), bac
     if background:
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)  # never hang CI
     assert done.returncode == 0, done.stderr[-3000:]
     return [r["train_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if "train_loss" in r]
@@ -74,8 +74,15 @@ def test_resume_under_two_processes_is_exact(corpus_dir, tmp_path):
         if loop_state.is_file() and json.loads(loop_state.read_text())["step"] >= 20:
             break
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the whole torchrun group, as a crash or a scheduler would
+    # kill the launcher and every worker at once, as a crash or a scheduler would (torchrun's workers may sit
+    # in sessions of their own, so match them by their run directory)
+    os.killpg(process.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-KILL", "-f", str(run)], check=False)
     process.wait()
+    for _ in range(200):
+        if subprocess.run(["pgrep", "-f", str(run)], capture_output=True).returncode != 0:
+            break
+        time.sleep(0.05)
     killed_at = json.loads(loop_state.read_text())["step"]
     assert 20 <= killed_at < steps
     _train(corpus_dir, run, "halo", HALO_TINY, nproc=2, steps=steps, extra=("--resume",))
@@ -95,7 +102,8 @@ def test_sharded_generation_is_deterministic_without_duplicates(corpus_dir, tmp_
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                    "ehrsynth.cli", "--threads", "1", "generate", str(tmp_path / "run"), "-n", "51", "--out",
                    str(tmp_path / name), "--seed", "4"]
-        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append(PatientCorpus.load(tmp_path / name))
     a, b = outputs
