@@ -42,22 +42,14 @@ def read_mimic3(
     if unknown or not tables:
         raise ConfigError(f"tables must be a non-empty subset of {MIMIC3_TABLES}, got {tuple(tables)!r}")
     directory = Path(directory)
-    admissions_path = find_table(directory, "admissions")
-    admissions = read_table(admissions_path, ["subject_id", "hadm_id", "admittime"], ["hospital_expire_flag"])
-    admissions = admissions.select(
-        parse_int(admissions, "subject_id", admissions_path).alias("patient"),
-        parse_int(admissions, "hadm_id", admissions_path).alias("visit"),
-        parse_datetime(admissions, "admittime", admissions_path).alias("time"),
-        (parse_int(admissions, "hospital_expire_flag", admissions_path)
-         if "hospital_expire_flag" in admissions.columns else pl.lit(None, dtype=pl.Int64)).alias("expired"),
-    )
+    admissions = read_admissions(directory)
     code_frames = []
     if "diagnoses" in tables:
         code_frames.append(_icd_codes(directory, "diagnoses_icd", "ICD9CM"))
     if "procedures" in tables:
         code_frames.append(_icd_codes(directory, "procedures_icd", "ICD9PROC"))
     if "prescriptions" in tables:
-        code_frames.append(_ndc_codes(directory))
+        code_frames.append(ndc_codes(directory))
     codes = pl.concat(code_frames, how="vertical")
     # Admissions without any code keep a null-code row, so build_corpus can count (or keep) empty visits.
     events = admissions.select("patient", "visit", "time").join(
@@ -70,6 +62,19 @@ def read_mimic3(
     # MIMIC shifts the birth date of patients over 89 to about 300 years before admission: report them as 90.
     corpus.age_at_first_visit = np.where(corpus.age_at_first_visit > 89, 90.0, corpus.age_at_first_visit).astype(np.float32)
     return corpus
+
+
+def read_admissions(directory: Path) -> pl.DataFrame:
+    """MIMIC's admissions table (III and IV share it) as ``patient``, ``visit``, ``time`` and ``expired``."""
+    path = find_table(directory, "admissions")
+    admissions = read_table(path, ["subject_id", "hadm_id", "admittime"], ["hospital_expire_flag"])
+    return admissions.select(
+        parse_int(admissions, "subject_id", path).alias("patient"),
+        parse_int(admissions, "hadm_id", path).alias("visit"),
+        parse_datetime(admissions, "admittime", path).alias("time"),
+        (parse_int(admissions, "hospital_expire_flag", path)
+         if "hospital_expire_flag" in admissions.columns else pl.lit(None, dtype=pl.Int64)).alias("expired"),
+    )
 
 
 def _icd_codes(directory: Path, table: str, system: str) -> pl.DataFrame:
@@ -85,7 +90,7 @@ def _icd_codes(directory: Path, table: str, system: str) -> pl.DataFrame:
     })
 
 
-def _ndc_codes(directory: Path) -> pl.DataFrame:
+def ndc_codes(directory: Path) -> pl.DataFrame:
     path = find_table(directory, "prescriptions")
     frame = read_table(path, ["hadm_id", "ndc"])
     ndc = clean_code(frame["ndc"])

@@ -20,8 +20,8 @@ import polars as pl
 
 from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
-from ehrsynth.data.readers.mimic3 import _ndc_codes
-from ehrsynth.data.tables import ROW, clean_code, find_table, parse_datetime, parse_int, read_table
+from ehrsynth.data.readers.mimic3 import ndc_codes, read_admissions
+from ehrsynth.data.tables import ROW, clean_code, find_table, parse_int, read_table
 from ehrsynth.errors import ConfigError, ParseError
 
 MIMIC4_TABLES = ("diagnoses", "procedures", "prescriptions")
@@ -58,22 +58,14 @@ def read_mimic4(
     if unknown or not tables:
         raise ConfigError(f"tables must be a non-empty subset of {MIMIC4_TABLES}, got {tuple(tables)!r}")
     directory = hosp_directory(Path(directory))
-    admissions_path = find_table(directory, "admissions")
-    admissions = read_table(admissions_path, ["subject_id", "hadm_id", "admittime"], ["hospital_expire_flag"])
-    admissions = admissions.select(
-        parse_int(admissions, "subject_id", admissions_path).alias("patient"),
-        parse_int(admissions, "hadm_id", admissions_path).alias("visit"),
-        parse_datetime(admissions, "admittime", admissions_path).alias("time"),
-        (parse_int(admissions, "hospital_expire_flag", admissions_path)
-         if "hospital_expire_flag" in admissions.columns else pl.lit(None, dtype=pl.Int64)).alias("expired"),
-    )
+    admissions = read_admissions(directory)
     code_frames = []
     if "diagnoses" in tables:
         code_frames.append(_icd_codes(directory, "diagnoses_icd", DIAGNOSIS_SYSTEMS, offset=0))
     if "procedures" in tables:
         code_frames.append(_icd_codes(directory, "procedures_icd", PROCEDURE_SYSTEMS, offset=1_000_000))
     if "prescriptions" in tables:
-        code_frames.append(_ndc_codes(directory))
+        code_frames.append(ndc_codes(directory))
     codes = pl.concat(code_frames, how="vertical")
     # Admissions without any code keep a null-code row, so build_corpus can count (or keep) empty visits.
     events = admissions.select("patient", "visit", "time").join(
