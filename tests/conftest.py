@@ -19,6 +19,18 @@ def data_dir() -> Path:
     return DATA
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small-matrix tests: as fast as two, and it does not stall when another
+    process holds the other core. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mimic3_corpus(data_dir):
     from ehrsynth.data.readers.mimic3 import read_mimic3

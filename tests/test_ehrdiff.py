@@ -35,13 +35,7 @@ SIGMAS = [0.002, 0.02, 0.14, 0.5, 1.0, 3.7, 80.0]
 TINY = EHRDiffConfig(hidden_dims=(32, 16, 32), time_dim=16, fourier_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls gain nothing from 2 threads and lose a lot on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- preconditioning and loss -----------------------------------------------------------------------------------

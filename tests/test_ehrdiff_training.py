@@ -23,13 +23,7 @@ TRAINING = TrainConfig(optimizer="adamw", lr=1e-3, batch_size=256, max_epochs=10
                        checkpoint_every=10_000, log_every=100, seed=0, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matmuls gain nothing from 2 threads and lose a lot on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_gibleed(directory) -> PatientCorpus:

@@ -24,13 +24,7 @@ from ehrsynth.models.halo.encoding import dense_rows
 TINY = HaloConfig(n_layer=2, n_head=2, n_embd=16, n_ctx=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices: one thread is as fast, and does not stall when another process holds the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

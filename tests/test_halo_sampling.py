@@ -23,13 +23,7 @@ from ehrsynth.models.io import load_model, save_model
 N_SAMPLES = 20_000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices: one thread is as fast, and does not stall when another process holds the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(*, n_codes: int = 4, labels=("y",), sex=False, age=(), gaps=(0.0, 30.0), seed=0,
