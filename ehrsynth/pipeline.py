@@ -19,6 +19,7 @@ import torch
 
 from ehrsynth.data.corpus import PatientCorpus, concat_corpora
 from ehrsynth.data.stream import save_stream
+from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError, InputError
 from ehrsynth.models import model_class
 from ehrsynth.models.io import config_from_dict, load_model
@@ -87,7 +88,8 @@ def train_model(
         model_options, training_options = resolved["model"], resolved["training"]
     config = config_from_dict(cls.config_class, model_options)
     train_config = config_from_dict(TrainConfig, training_options)
-    train_part, val_part = corpus.part("train"), corpus.part("val")
+    # views, not copies: a memory-mapped corpus is read in place, so memory does not grow with its size
+    train_part, val_part = CorpusView.part(corpus, "train"), CorpusView.part(corpus, "val")
     if train_part.n_patients == 0:
         raise InputError("the corpus has no training patients (check its split)")
     with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG

@@ -38,6 +38,10 @@ class TinyModel(GenerativeModel):
     def collate(self, corpus, patients):
         return {"x": torch.from_numpy(corpus.patient_multi_hot(patients))}
 
+    @classmethod
+    def default_train_config(cls):
+        return {}
+
     def forward(self, batch):
         x = batch["x"]
         keep = (torch.rand_like(x) > 0.1).float()
@@ -115,3 +119,34 @@ def test_config_errors_name_the_parameter():
         TrainConfig(batch_size=0)
     with pytest.raises(ConfigError, match="optimizer"):
         TrainConfig(optimizer="sgd")
+
+
+def test_views_train_exactly_as_copies_and_nothing_is_copied(mimic3_corpus, tmp_path, tiny_family, monkeypatch):
+    """Training on index views of a memory-mapped corpus (train_model's path) gives bit-identical weights to
+    training on copied parts, and never copies a part out of the corpus."""
+    from ehrsynth.data.corpus import PatientCorpus
+    from ehrsynth.data.view import CorpusView
+    from ehrsynth.pipeline import train_model
+
+    config = TrainConfig(lr=3e-2, batch_size=16, max_steps=12, eval_every=4, seed=3)
+    _fit(mimic3_corpus, tmp_path / "copies", config)
+    mimic3_corpus.save(tmp_path / "corpus")
+    mapped = PatientCorpus.load(tmp_path / "corpus")  # memory-mapped
+    train_view = CorpusView.part(mapped, "train")
+    assert np.array_equal(train_view.visits_per_patient(), mimic3_corpus.part("train").visits_per_patient())
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("training copied a part of the corpus")
+
+    monkeypatch.setattr(PatientCorpus, "subset", no_copies)
+    result = train_model("tiny", tmp_path / "corpus", tmp_path / "views", model_options={}, progress=False,
+                         training_options={"lr": 3e-2, "batch_size": 16, "max_steps": 12, "eval_every": 4,
+                                           "seed": 3, "optimizer": "adam"})
+    assert result.steps == 12
+    copies = load_file(str(tmp_path / "copies" / "model" / "model.safetensors"))
+    views = load_file(str(tmp_path / "views" / "model" / "model.safetensors"))
+    assert copies.keys() == views.keys()
+    assert all(torch.equal(copies[k], views[k]) for k in copies)
+    history = [json.loads(line) for line in (tmp_path / "views" / "metrics.jsonl").read_text().splitlines()]
+    first = [json.loads(line) for line in (tmp_path / "copies" / "metrics.jsonl").read_text().splitlines()]
+    assert [h.get("val_loss") for h in history] == [h.get("val_loss") for h in first]

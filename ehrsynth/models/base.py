@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.view import CorpusView
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class CorpusMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_corpus(cls, corpus: PatientCorpus, **extra: Any) -> CorpusMeta:
+    def from_corpus(cls, corpus: PatientCorpus | CorpusView, **extra: Any) -> CorpusMeta:
+        corpus = CorpusView.of(corpus).corpus  # a view shares its corpus's vocabulary and label names
         return cls(codes=tuple(corpus.vocab.codes), label_names=tuple(corpus.label_names), extra=dict(extra))
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,8 +62,9 @@ class GenerativeModel(nn.Module):
         self.meta = meta
 
     @classmethod
-    def from_corpus(cls, corpus: PatientCorpus, config: Any) -> GenerativeModel:
-        """Build an untrained model for ``corpus`` (computes the meta facts the model needs)."""
+    def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: Any) -> GenerativeModel:
+        """Build an untrained model for ``corpus``, the training patients (a corpus, or a view of one as
+        ``train_model`` passes), computing the meta facts the model needs."""
         return cls(config, CorpusMeta.from_corpus(corpus))
 
     def collate(self, corpus: PatientCorpus, patients: np.ndarray) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from ehrsynth.data.corpus import PatientCorpus, replace_directory
+from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError, InputError
 from ehrsynth.models.base import GenerativeModel
 from ehrsynth.models.io import atomic_save_tensors, atomic_write_text, config_to_dict, save_model
@@ -155,8 +156,8 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 
 def train(
     model: GenerativeModel,
-    train_corpus: PatientCorpus,
-    val_corpus: PatientCorpus | None,
+    train_corpus: PatientCorpus | CorpusView,
+    val_corpus: PatientCorpus | CorpusView | None,
     config: TrainConfig,
     run_dir: str | Path,
     *,
@@ -168,8 +169,9 @@ def train(
 
     Args:
         model: an untrained (or loaded) model, on the CPU; the loop moves it to the chosen device.
-        train_corpus: training patients.
-        val_corpus: validation patients (None or empty: the last weights count as best).
+        train_corpus: training patients: a corpus, or a :class:`~ehrsynth.data.view.CorpusView` of one (what
+            ``train_model`` passes, so a memory-mapped corpus is read in place, never copied).
+        val_corpus: validation patients, likewise (None or empty: the last weights count as best).
         config: optimisation settings.
         run_dir: the run directory (created). Without ``resume`` an existing checkpoint there is an error,
             never silently reused.
@@ -192,6 +194,7 @@ def train(
         raise ConfigError(f"--resume given but {checkpoint_dir} does not exist")
     if train_corpus.n_patients == 0:
         raise InputError("the training corpus has no patients")
+    train_view = CorpusView.of(train_corpus)
 
     world = dist.setup()
     is_main = world.rank == 0
@@ -239,7 +242,7 @@ def train(
             patients = global_batch[world.rank::world.size][:local_batch]
             if len(patients) == 0:  # a final batch smaller than the world: every rank must still step
                 patients = global_batch[-1:]
-            batch = _to_device(model.collate(train_corpus, patients), device)
+            batch = _to_device(model.collate(train_view.corpus, train_view.patients[patients]), device)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state["step"], planned, config)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -294,17 +297,19 @@ def train(
 
 
 @torch.no_grad()
-def evaluate_loss(model: GenerativeModel, corpus: PatientCorpus, *, batch_size: int, seed: int = 0) -> float:
+def evaluate_loss(model: GenerativeModel, corpus: PatientCorpus | CorpusView, *, batch_size: int,
+                  seed: int = 0) -> float:
     """Mean loss over every patient of ``corpus``, patient-weighted, with fixed noise for noisy losses."""
+    view = CorpusView.of(corpus)
     was_training = model.training
     model.eval()
     device = model.device
     total, count = 0.0, 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in range(0, corpus.n_patients, batch_size):
-            patients = np.arange(start, min(start + batch_size, corpus.n_patients))
-            loss = model(_to_device(model.collate(corpus, patients), device))
+        for start in range(0, view.n_patients, batch_size):
+            patients = view.patients[start:start + batch_size]
+            loss = model(_to_device(model.collate(view.corpus, patients), device))
             total += float(loss) * len(patients)
             count += len(patients)
     model.train(was_training)

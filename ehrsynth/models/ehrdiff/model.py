@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ehrsynth.data.corpus import SEX_NAMES, PatientCorpus, empty_statics
+from ehrsynth.data.view import CorpusView
 from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
@@ -139,8 +140,9 @@ class EHRDiffModel(GenerativeModel):
 
     # ---- building and training -----------------------------------------------------------------------------
     @classmethod
-    def from_corpus(cls, corpus: PatientCorpus, config: EHRDiffConfig | None = None) -> EHRDiffModel:
-        """An untrained model for ``corpus``; ``sigma_data`` (if not set) is estimated from its train split.
+    def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: EHRDiffConfig | None = None) -> EHRDiffModel:
+        """An untrained model for ``corpus``; ``sigma_data`` (if not set) is estimated from its train split (or
+        from the patients of a view).
 
         The estimate and the density it came from are kept in ``meta.extra`` (``sigma_data``,
         ``data_density``, ``sigma_data_source``), so a saved model carries them.
@@ -393,13 +395,16 @@ def static_column_names(label_names: tuple[str, ...]) -> tuple[str, ...]:
     return (*(f"label:{name}" for name in label_names), *(f"sex={s}" for s in SEX_NAMES))
 
 
-def data_density(corpus: PatientCorpus, *, model_statics: bool = False, chunk: int = 4096) -> float:
+def data_density(corpus: PatientCorpus | CorpusView, *, model_statics: bool = False, chunk: int = 4096) -> float:
     """Mean of all entries of the multi-hot training matrix (codes, plus label and sex columns when modelled),
-    over the train split (all patients if the corpus has none marked train), without building it whole.
-    ``sigma_data = sqrt(p (1 - p))`` is the standard deviation of those 0/1 entries."""
-    patients = np.flatnonzero(np.asarray(corpus.split) == 0)
-    if len(patients) == 0:
-        patients = np.arange(corpus.n_patients)
+    over the train split (all patients if the corpus has none marked train; a view's own patients), without
+    building it whole. ``sigma_data = sqrt(p (1 - p))`` is the standard deviation of those 0/1 entries."""
+    if isinstance(corpus, CorpusView):
+        corpus, patients = corpus.corpus, corpus.patients
+    else:
+        patients = np.flatnonzero(np.asarray(corpus.split) == 0)
+        if len(patients) == 0:
+            patients = np.arange(corpus.n_patients)
     if len(patients) == 0:
         raise ConfigError("cannot estimate sigma_data from an empty corpus")
     ones = sum(float(corpus.patient_multi_hot(patients[i:i + chunk], dtype=np.uint8).sum(dtype=np.int64))

@@ -235,7 +235,7 @@ def encode_records(
         columns, c_batch, c_row = mapped[known], c_batch[known], c_row[known]
     parts = [(c_batch, c_row, columns)]
 
-    days = np.asarray(corpus.visit_days, dtype=np.float64)
+    days = np.asarray(corpus.visit_days)  # float64; indexed per batch, never converted whole
     if layout.gap_edges:
         later = v_row > 2
         gap = days[visits[later]] - days[visits[later] - 1]
@@ -259,7 +259,7 @@ def encode_records(
         shift = np.zeros(B)
         has = keep > 0
         shift[has] = np.nan_to_num(days[first[has]]) / 365.25
-        buckets = bin_index(np.asarray(corpus.age_at_first_visit, dtype=np.float64)[patients] + shift,
+        buckets = bin_index(np.asarray(corpus.age_at_first_visit)[patients].astype(np.float64) + shift,
                             layout.age_edges)
         known = np.flatnonzero(buckets >= 0)
         parts.append((known, np.ones_like(known), layout.age_start + buckets[known]))

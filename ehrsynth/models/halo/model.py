@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
 from ehrsynth.models.halo.config import HaloConfig
@@ -66,8 +67,9 @@ class HaloModel(GenerativeModel):
 
     # ---- building ------------------------------------------------------------------------------------------
     @classmethod
-    def from_corpus(cls, corpus: PatientCorpus, config: HaloConfig | None = None) -> HaloModel:
-        """An untrained model for ``corpus`` (its vocabulary and labels).
+    def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: HaloConfig | None = None) -> HaloModel:
+        """An untrained model for ``corpus``, the training patients (a corpus or a view of one): its vocabulary,
+        labels and how many of its records the window truncates.
 
         ``meta.extra`` keeps the bin edges, the values generated bins decode to (``gap_bin_days``: bin
         midpoints, the open last bin its lower edge; ``age_bucket_years`` likewise), ``max_visits`` and how
@@ -76,14 +78,15 @@ class HaloModel(GenerativeModel):
         config = config or HaloConfig()
         if not isinstance(config, HaloConfig):
             raise ConfigError(f"config must be a HaloConfig, got {type(config).__name__}")
-        visits = corpus.visits_per_patient()
+        view = CorpusView.of(corpus)
+        visits = view.visits_per_patient()
         over = np.maximum(visits - config.max_visits, 0)
         if over.any():
             warnings.warn(f"{int((over > 0).sum())} of {corpus.n_patients} patients have more than "
                           f"n_ctx - 3 = {config.max_visits} visits; their last {config.max_visits} visits are kept "
                           f"({int(over.sum())} earlier visits dropped)", stacklevel=2)
         meta = CorpusMeta.from_corpus(
-            corpus,
+            view,
             gap_bin_edges=list(config.gap_bin_edges),
             gap_bin_days=list(bin_values(config.gap_bin_edges)),
             age_bucket_edges=list(config.age_bucket_edges),
