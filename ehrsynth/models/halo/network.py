@@ -160,10 +160,10 @@ class MaskedLinear(nn.Linear):
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__(mask.shape[1], mask.shape[0])
-        self.register_buffer("mask", mask.to(torch.float32), persistent=False)
+        self.register_buffer("mask", mask.to(torch.bool), persistent=False)  # a quarter of a float mask's memory
 
     def masked_weight(self) -> torch.Tensor:
-        return self.weight * self.mask
+        return self.weight.masked_fill(~self.mask, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.masked_weight(), self.bias)
