@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -20,10 +22,24 @@ def test_save_load_round_trip_is_exact(mimic3_corpus, tmp_path):
     assert loaded.vocab == mimic3_corpus.vocab
     assert loaded.stats == mimic3_corpus.stats
     assert isinstance(loaded.codes, np.memmap)  # memory-mapped, not read
+    assert isinstance(loaded.patient_ids, np.memmap)  # identifiers too: nothing grows with the patient count
     assert not list(tmp_path.glob(".c.*"))  # no staging directory left behind
     # saving over an existing corpus replaces it whole
     mimic3_corpus.part("test").save(path)
     assert PatientCorpus.load(path).n_patients == 20
+
+
+def test_corpus_saved_with_parquet_identifiers_still_loads(mimic3_corpus, tmp_path):
+    import polars as pl
+
+    path = mimic3_corpus.save(tmp_path / "c")
+    ids = np.load(path / "patient_ids.npy")
+    pl.DataFrame({"patient_id": ids}).write_parquet(path / "patients.parquet")  # the earlier layout
+    (path / "patient_ids.npy").unlink()
+    assert PatientCorpus.load(path).equals(mimic3_corpus)
+    (path / "patients.parquet").unlink()
+    with pytest.raises(MissingFileError, match="patient identifiers"):
+        PatientCorpus.load(path)
 
 
 def test_load_errors_name_the_directory(tmp_path):
@@ -96,6 +112,10 @@ def test_save_stream_merges_chunks_exactly(mimic3_corpus, tmp_path):
     from ehrsynth.data.stream import save_stream
 
     parts = [mimic3_corpus.subset(np.arange(start, min(start + 30, 100))) for start in range(0, 100, 30)]
+    parts[1] = dataclasses.replace(parts[1], patient_ids=np.array([f"long-identifier-{i}" for i in range(30)]))
+    merged = save_stream(iter(parts), tmp_path / "merged")
+    assert merged.patient_ids[35] == "long-identifier-5"  # chunks of different identifier widths
+    parts[1] = mimic3_corpus.subset(np.arange(30, 60))
     merged = save_stream(iter(parts), tmp_path / "merged")
     assert isinstance(merged.codes, np.memmap)
     assert merged.equals(concat_corpora(parts)) and merged.equals(mimic3_corpus)

@@ -30,6 +30,7 @@ FORMAT_NAME = "ehrsynth-corpus"
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
 SEX_NAMES = ("F", "M")  # sex code 0 = F, 1 = M, -1 = unknown
+IDS_FILE = "patient_ids.npy"
 
 ARRAY_NAMES = (
     "visit_offsets", "code_offsets", "codes", "visit_days", "visit_start",
@@ -270,9 +271,8 @@ class PatientCorpus:
         try:
             for name in ARRAY_NAMES:
                 np.save(staging / f"{name}.npy", np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
-            pl.DataFrame({"patient_id": np.asarray(self.patient_ids).astype(str)}).write_parquet(
-                staging / "patients.parquet"
-            )
+            # fixed-width strings, so the identifiers are memory-mapped like every other array
+            np.save(staging / IDS_FILE, np.asarray(self.patient_ids).astype(str), allow_pickle=False)
             self.vocab.frame().write_parquet(staging / "vocab.parquet")
             header = {
                 "format": FORMAT_NAME,
@@ -316,7 +316,12 @@ class PatientCorpus:
             if not path.is_file():
                 raise MissingFileError("corpus array missing", file=path)
             arrays[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        ids = pl.read_parquet(directory / "patients.parquet")["patient_id"].to_numpy()
+        if (directory / IDS_FILE).is_file():
+            ids = np.load(directory / IDS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
+        elif (directory / "patients.parquet").is_file():  # corpora saved before ehrsynth 0.1 kept ids in Parquet
+            ids = pl.read_parquet(directory / "patients.parquet")["patient_id"].to_numpy()
+        else:
+            raise MissingFileError("corpus patient identifiers missing", file=directory / IDS_FILE)
         vocab_frame = pl.read_parquet(directory / "vocab.parquet")
         vocab = Vocabulary(tuple(vocab_frame["code"].to_list()), vocab_frame["count"].to_numpy())
         return cls(patient_ids=ids, label_names=tuple(header["label_names"]), vocab=vocab,

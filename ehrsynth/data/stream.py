@@ -49,13 +49,14 @@ def _merge(parts: list[Path], out: Path) -> None:
     for part in loaded[1:]:
         if part.vocab.codes != first.vocab.codes or part.label_names != first.label_names:
             raise ConfigError("chunks to merge must share vocabulary and labels")
-    for name in ARRAY_NAMES:
+    for name in ("patient_ids", *ARRAY_NAMES):
         arrays = [getattr(p, name) for p in loaded]
         if name in _OFFSETS:
             total = sum(len(a) - 1 for a in arrays) + 1
         else:
             total = sum(len(a) for a in arrays)
-        target = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=arrays[0].dtype,
+        dtype = np.result_type(*arrays)  # identifiers: the widest chunk's string width
+        target = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=dtype,
                                            shape=(total, *arrays[0].shape[1:]))
         position, base = 0, 0
         for a in arrays:
@@ -68,7 +69,6 @@ def _merge(parts: list[Path], out: Path) -> None:
                 position += len(a)
         target.flush()
         del target
-    pl.concat([pl.read_parquet(p / "patients.parquet") for p in parts]).write_parquet(out / "patients.parquet")
     codes = np.load(out / "codes.npy", mmap_mode="r")
     counts = np.bincount(codes, minlength=first.vocab_size).astype(np.int64)  # visits holding each code
     pl.DataFrame({"code": list(first.vocab.codes), "count": counts}).write_parquet(out / "vocab.parquet")
