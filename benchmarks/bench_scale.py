@@ -208,6 +208,27 @@ def vocab_corpus(n_codes: int, n_patients: int = 2_000, seed: int = 0):
         return read_long(Path(tmp) / "long.parquet").with_split(seed=0)
 
 
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one batch (distinct storages, weights
+    excluded): the activation memory of a step, exactly, independent of the allocator."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = model(batch)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
 def vocab_step(n_codes: int, name: str, batch: int, steps: int) -> dict:
     """Parameters and the memory of training steps at ``batch`` for one config (own process)."""
     import numpy as np
@@ -234,6 +255,7 @@ def vocab_step(n_codes: int, name: str, batch: int, steps: int) -> dict:
         optimizer.step()
 
     step(batches[0])  # allocates gradients and Adam's moments
+    saved = saved_activation_bytes(model, batches[1])
     optimizer.zero_grad(set_to_none=True)
     settled = proc_status("RssAnon")
     start = time.perf_counter()
@@ -244,6 +266,7 @@ def vocab_step(n_codes: int, name: str, batch: int, steps: int) -> dict:
             "params": sum(p.numel() for p in model.parameters()),
             "fine_params": sum(p.numel() for p in model.fine.parameters()),
             "square_fine_params": 2 * (width * width + width), "settled": settled, "peak": sampler.peak,
+            "saved_activations": saved,
             "step_seconds": (time.perf_counter() - start) / steps,
             "rows_per_batch": float(np.mean([int(b["lengths"].sum()) + 2 * batch for b in batches[1:]]))}
 
@@ -251,13 +274,14 @@ def vocab_step(n_codes: int, name: str, batch: int, steps: int) -> dict:
 def measure_vocab(n_codes: int, batch: int, steps: int) -> None:
     print(f"HALO at {n_codes:,} codes, CPU, 1 thread, batch {batch}, {steps} steps; fp32 Adam")
     print("| config | columns | parameters | fine head | square reference head (not built) | anon. memory with "
-          "model + Adam | peak in a step | per batch | s/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "model + Adam | gradients | activations kept for backward | peak RSS above model + Adam | s/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in VOCAB_CONFIGS:
         r = run_child("_vocab_step", n_codes, name, batch, steps)
         print(f"| {name} | {r['columns']:,} | {r['params']:,} | {r['fine_params']:,} | "
               f"{r['square_fine_params']:,} ({r['square_fine_params'] * 16 / 2**30:.1f} GiB with grads + Adam) "
-              f"| {gib(r['settled'])} GiB | {gib(r['peak'])} GiB | {(r['peak'] - r['settled']) / 2**20:.0f} MiB "
+              f"| {gib(r['settled'])} GiB | {r['params'] * 4 / 2**20:.0f} MiB | {r['saved_activations'] / 2**20:.0f} MiB "
+              f"| {(r['peak'] - r['settled']) / 2**20:.0f} MiB "
               f"| {r['step_seconds']:.2f} |", flush=True)
 
 
