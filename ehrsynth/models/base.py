@@ -5,7 +5,8 @@ A model is an ``nn.Module`` subclass of :class:`GenerativeModel` that
 
 * is built from a frozen config dataclass plus a :class:`CorpusMeta` (what it must know of the training corpus:
   the vocabulary, the label names, and model-specific JSON-able facts such as gap bins or sigma_data);
-* turns a batch of corpus patients into tensors (:meth:`GenerativeModel.collate`, vectorised, CPU tensors);
+* turns a batch of corpus patients into tensors (:meth:`GenerativeModel.collate`, vectorised, CPU tensors, plus
+  host ints for data-dependent sizes, so the training step never reads a value back from the device);
 * returns the scalar training loss from ``forward(batch)`` (so DDP can wrap it unchanged);
 * generates a :class:`~ehrsynth.data.corpus.PatientCorpus` from a seed (:meth:`GenerativeModel.generate`).
 """

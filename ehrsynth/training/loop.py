@@ -358,10 +358,11 @@ class _swapped_in:
                 torch._foreach_copy_(list(self.model.parameters()), self.saved)
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors go to ``device`` through pinned memory (an asynchronous copy); host values such as sizes stay."""
     if device.type == "cpu":
         return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

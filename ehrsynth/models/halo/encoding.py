@@ -277,10 +277,11 @@ def encode_records(
                           truncated_visits=(n_visits - keep).astype(np.int64), unknown_codes=unknown)
 
 
-def dense_rows(ones: torch.Tensor, lengths: torch.Tensor, n_columns: int) -> torch.Tensor:
-    """(B, T, C) float32 multi-hot rows from an encoded batch, on the device of ``ones``."""
+def dense_rows(ones: torch.Tensor, lengths: torch.Tensor, n_columns: int, n_rows: int | None = None) -> torch.Tensor:
+    """(B, T, C) float32 multi-hot rows from an encoded batch, on the device of ``ones``. ``n_rows`` (T, from
+    ``collate``) spares reading the longest length back from the device."""
     B = lengths.shape[0]
-    T = int(lengths.max()) + 3 if B else 3
+    T = n_rows if n_rows is not None else (int(lengths.max()) + 3 if B else 3)
     x = torch.zeros(B * T * n_columns, device=ones.device)
     x[ones] = 1.0
     return x.view(B, T, n_columns)  # (B, T, C)

@@ -104,9 +104,12 @@ class HaloModel(GenerativeModel):
                 "lr_schedule": "constant"}
 
     # ---- training ------------------------------------------------------------------------------------------
-    def collate(self, corpus: PatientCorpus, patients: np.ndarray) -> dict[str, torch.Tensor]:
-        """``{"ones": (N,) int64, "lengths": (B,) int64}``: the flat positions of the ones of the (B, T, C)
-        record rows, T = lengths.max() + 3 (each batch is padded only to its longest record).
+    def collate(self, corpus: PatientCorpus, patients: np.ndarray) -> dict[str, Any]:
+        """``{"ones", "lengths", "input_rows", "n_rows"}``: ``ones`` (int64) are the flat positions of the ones of
+        the (B, T, C) record rows, T = ``n_rows`` = longest record + 3 (a plain int: each batch is padded only to
+        its longest record); ``lengths`` (B,) the visits kept per record; ``input_rows`` (N,) the flat positions
+        in (B, T-1) of the rows that exist. Everything with a data-dependent size is decided here, on the host,
+        so the training step never waits on the device.
 
         Raises:
             ConfigError: when ``corpus`` lacks one of the model's labels or has codes the model does not know.
@@ -116,11 +119,15 @@ class HaloModel(GenerativeModel):
         if len(encoded.unknown_codes):
             raise ConfigError(f"{len(np.unique(encoded.unknown_codes))} code(s) of the batch are not in the model "
                               f"vocabulary, e.g. {unknown_code_names(corpus, encoded.unknown_codes)!r}")
-        return {"ones": torch.from_numpy(encoded.ones), "lengths": torch.from_numpy(encoded.lengths)}
+        lengths = encoded.lengths
+        n_rows = int(lengths.max()) + 3 if len(lengths) else 3
+        input_rows = np.flatnonzero(np.arange(n_rows - 1)[None, :] <= lengths[:, None] + 1)  # rows 0..length+1
+        return {"ones": torch.from_numpy(encoded.ones), "lengths": torch.from_numpy(lengths),
+                "input_rows": torch.from_numpy(input_rows), "n_rows": n_rows}
 
     def logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits of every target row: ((B, T-1, C) logits of rows 1..T-1, (B, T, C) rows)."""
-        x = dense_rows(batch["ones"], batch["lengths"], self.layout.n_columns)  # (B, T, C)
+        x = dense_rows(batch["ones"], batch["lengths"], self.layout.n_columns, n_rows=batch.get("n_rows"))
         h = self.coarse(x[:, :-1])  # (B, T-1, d): h_t summarises rows <= t
         return self.fine(h, x[:, 1:]), x
 
@@ -138,20 +145,21 @@ class HaloModel(GenerativeModel):
         rows per record against a longest record of 10-20). Both give the same loss; None picks the cheaper
         by a cost model of the linear layers and attention.
         """
-        x = dense_rows(batch["ones"], batch["lengths"], self.layout.n_columns)  # (B, T, C)
+        x = dense_rows(batch["ones"], batch["lengths"], self.layout.n_columns, n_rows=batch["n_rows"])  # (B, T, C)
         B, T, C = x.shape
-        inputs = torch.arange(T - 1, device=x.device)[None, :] <= batch["lengths"][:, None] + 1  # (B, T-1)
+        rows = batch["input_rows"]  # (N,) flat positions in (B, T-1); its length is known on the host
+        record, positions = rows // (T - 1), rows % (T - 1)
+        flat = x.view(B * T, C)
+        inputs, targets = record * T + positions, record * T + positions + 1  # flat positions in (B, T)
         if packed is None:  # per row and layer: 12 d^2 for the linear layers, 2 d x (keys seen) for attention
-            n, d = int(inputs.sum()), self.config.n_embd
+            n, d = rows.shape[0], self.config.n_embd
             packed = n * (12 * d + 2 * n) < B * (T - 1) * (12 * d + 2 * (T - 1))
         if packed:
-            record = torch.arange(B, device=x.device)[:, None].expand(B, T - 1)[inputs]  # (N,)
-            positions = torch.arange(T - 1, device=x.device)[None, :].expand(B, T - 1)[inputs]  # (N,)
-            h = self.coarse(x[:, :-1][inputs][None], positions=positions,
+            h = self.coarse(flat.index_select(0, inputs)[None], positions=positions,
                             attn_mask=packed_mask(record, positions))[0]  # (N, d)
         else:
-            h = self.coarse(x[:, :-1])[inputs]  # (N, d): h_t summarises rows <= t
-        targets = x[:, 1:][inputs]  # (N, C): the row after each input row
+            h = self.coarse(x[:, :-1]).reshape(B * (T - 1), -1).index_select(0, rows)  # (N, d)
+        targets = flat.index_select(0, targets)  # (N, C): the row after each input row
         return F.binary_cross_entropy_with_logits(self.fine(h, targets), targets)
 
     # ---- vocabulary and labels of another corpus ------------------------------------------------------------
