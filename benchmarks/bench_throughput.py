@@ -9,16 +9,20 @@ Training runs through the shared loop (``train``: bf16 autocast and pinned-memor
 so the figures are what a user gets, batch building included. The first ``--warmup`` steps are excluded: the
 rate is taken between the loop's log lines at ``--warmup`` and at the end.
 
-* HALO, the paper's network (12 layers / 12 heads / 768, square fine head), batch 48, on the MIMIC-III demo
-  (581 codes). A token is a row of a record (start, static, each visit, end): the rows of every batch are
-  counted as the loop builds them.
-* EHRDiff, the paper's network (D -> 1024 -> 384 -> 384 -> 384 -> 1024 -> D), batch 1,024, on the MIMIC-III demo.
-  A token is a patient (one multi-hot vector).
+The data is the MIMIC-III demo (581 codes, 100 patients) repeated 768 times, all of it training data: 76,800
+records, a whole number of batches of both models, so every batch is full (the demo alone has fewer patients
+than EHRDiff's batch). The mean batch actually trained on is printed.
+
+* HALO, the paper's network (12 layers / 12 heads / 768, square fine head), batch 48. A token is an input row
+  of a record (start, static, each visit; the model predicts each next row, up to the end row): the rows of
+  every batch are counted as the loop builds them.
+* EHRDiff, the paper's network (D -> 1024 -> 384 -> 384 -> 384 -> 1024 -> D), batch 1,024. A token is a patient
+  (one multi-hot vector).
 
 MFU = model FLOPs per second / the device's peak dense bf16 FLOPs (``--peak-tflops``; known for a few GPUs by
 name). Model FLOPs per token: 6 x (weights of every linear layer the token passes through, masked MADE weights
-included, since they are computed) plus, for HALO, 12 x layers x width x (mean record length in rows) for
-attention. Generation: the trained model samples ``--patients`` patients (HALO batch 512; EHRDiff 32 Heun steps,
+included, since they are computed) plus, for HALO, 12 x layers x width x E[R^2] / E[R] for attention (R: a
+record's input rows; the context length averaged over tokens rather than over records). Generation: the trained model samples ``--patients`` patients (HALO batch 512; EHRDiff 32 Heun steps,
 batch 4,096). Only aggregates are printed.
 """
 
@@ -59,12 +63,14 @@ def train_rate(family: str, corpus, steps: int, warmup: int, device: str, run_di
     torch.manual_seed(0)
     model = cls.from_corpus(train_view, cls.config_class())
     tokens_per_step: list[int] = []
+    patients_per_step: list[int] = []
     collate = model.collate
 
     def counting_collate(source, patients):
         batch = collate(source, patients)
-        tokens_per_step.append(int(batch["lengths"].sum()) + 3 * len(patients) if family == "halo"
+        tokens_per_step.append(int(batch["lengths"].sum()) + 2 * len(patients) if family == "halo"
                                else len(patients))
+        patients_per_step.append(len(patients))
         return batch
 
     model.collate = counting_collate
@@ -79,9 +85,10 @@ def train_rate(family: str, corpus, steps: int, warmup: int, device: str, run_di
     tokens = sum(tokens_per_step[warmup:steps])
     per_token = 6 * linear_weights(model)
     if family == "halo":
-        rows = np.minimum(train_view.visits_per_patient(), model.config.max_visits) + 3
-        per_token += 12 * model.config.n_layer * model.config.n_embd * float(rows.mean())
-    return {"model": model, "params": sum(p.numel() for p in model.parameters()), "batch": batch,
+        rows = (np.minimum(train_view.visits_per_patient(), model.config.max_visits) + 2).astype(np.float64)
+        per_token += 12 * model.config.n_layer * model.config.n_embd * float((rows ** 2).mean() / rows.mean())
+    return {"model": model, "params": sum(p.numel() for p in model.parameters()),
+            "batch": float(np.mean(patients_per_step[warmup:steps])),
             "step_seconds": seconds / (steps - warmup), "tokens_per_second": tokens / seconds,
             "flops_per_second": per_token * tokens / seconds}
 
@@ -115,9 +122,11 @@ def main() -> None:
     warmup = args.warmup or max(1, steps // 4)
     n = args.patients or (10_000 if on_gpu else 256)
 
+    from ehrsynth.data.corpus import concat_corpora
     from ehrsynth.data.readers import read_source
 
-    corpus = read_source("mimic3", DATA / "mimic-iii-demo").with_split(seed=0)
+    demo = read_source("mimic3", DATA / "mimic-iii-demo")
+    corpus = concat_corpora([demo] * 768).with_split((1.0, 0.0, 0.0))  # 76,800 = 75 x 1,024 = 1,600 x 48
     device = torch.device(args.device)
     peak = peak_tflops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if on_gpu else f"CPU, {torch.get_num_threads()} threads"
@@ -132,7 +141,7 @@ def main() -> None:
         g = generation_rate(t["model"], n)
         tflops = t["flops_per_second"] / 1e12
         mfu = f"{tflops / peak:.1%}" if peak else "n/a"
-        print(f"| {family} | {t['params']:,} | {t['batch']} | {t['step_seconds']:.4f} | {t['tokens_per_second']:,.0f} "
+        print(f"| {family} | {t['params']:,} | {t['batch']:.0f} | {t['step_seconds']:.4f} | {t['tokens_per_second']:,.0f} "
               f"| {tflops:.3f} | {mfu} | {g['patients_per_second']:,.0f} | {g['visits_per_patient']:.2f}, "
               f"{g['codes_per_visit']:.1f} |", flush=True)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 from ehrsynth.data.corpus import PatientCorpus, concat_corpora, ragged_indices
-from ehrsynth.errors import ConfigError, MissingFileError
+from ehrsynth.errors import ConfigError, InputError, MissingFileError
 
 
 def test_ragged_indices():
@@ -34,9 +35,15 @@ def test_corpus_saved_with_parquet_identifiers_still_loads(mimic3_corpus, tmp_pa
 
     path = mimic3_corpus.save(tmp_path / "c")
     ids = np.load(path / "patient_ids.npy")
-    pl.DataFrame({"patient_id": ids}).write_parquet(path / "patients.parquet")  # the earlier layout
+    pl.DataFrame({"patient_id": ids}).write_parquet(path / "patients.parquet")  # format version 1
     (path / "patient_ids.npy").unlink()
+    header = json.loads((path / "corpus.json").read_text())
+    (path / "corpus.json").write_text(json.dumps({**header, "version": 1}))
     assert PatientCorpus.load(path).equals(mimic3_corpus)
+    (path / "corpus.json").write_text(json.dumps({**header, "version": 3}))
+    with pytest.raises(InputError, match="unsupported corpus format"):
+        PatientCorpus.load(path)
+    (path / "corpus.json").write_text(json.dumps(header))
     (path / "patients.parquet").unlink()
     with pytest.raises(MissingFileError, match="patient identifiers"):
         PatientCorpus.load(path)

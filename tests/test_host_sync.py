@@ -68,3 +68,13 @@ def test_ehrdiff_training_step_never_syncs(mimic3_corpus):
                    EHRDiffConfig(hidden_dims=(64, 64), time_dim=32, fourier_dim=16, conditional=True)):
         model = EHRDiffModel.from_corpus(train, config)
         assert syncs_of_a_step(model, model.collate(train, np.arange(24))) == []
+
+
+def test_halo_loss_of_a_hand_built_batch_matches_collate(mimic3_corpus):
+    """A batch without the host-side sizes (built by hand) still gives the same loss, at the cost of a sync."""
+    train = mimic3_corpus.part("train")
+    torch.manual_seed(0)
+    model = HaloModel.from_corpus(train, HaloConfig.small())
+    batch = model.collate(train, np.arange(24))
+    bare = {"ones": batch["ones"], "lengths": batch["lengths"]}
+    assert torch.equal(model.loss(bare), model.loss(batch))

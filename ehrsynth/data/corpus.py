@@ -27,7 +27,8 @@ from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError, InputError, MissingFileError
 
 FORMAT_NAME = "ehrsynth-corpus"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: patient ids in patient_ids.npy (memory-mapped); 1 kept them in patients.parquet
+READABLE_VERSIONS = (1, 2)
 SPLIT_NAMES = ("train", "val", "test")
 SEX_NAMES = ("F", "M")  # sex code 0 = F, 1 = M, -1 = unknown
 IDS_FILE = "patient_ids.npy"
@@ -260,7 +261,10 @@ class PatientCorpus:
 
     # ---- persistence -------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write the corpus to ``directory`` (npy arrays + Parquet ids/vocab + ``corpus.json``), atomically.
+        """Write the corpus to ``directory`` (npy arrays + Parquet vocabulary + ``corpus.json``), atomically.
+
+        Patient ids are a fixed-width string array (4 bytes x the longest id per patient), so they are
+        memory-mapped on load like the other arrays.
 
         The directory is written beside its target under a temporary name and renamed into place, so a killed
         run never leaves a half-written corpus. An existing corpus there is replaced.
@@ -307,7 +311,7 @@ class PatientCorpus:
             header = json.loads(header_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError("corpus.json is not valid JSON", file=header_path) from None
-        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+        if header.get("format") != FORMAT_NAME or header.get("version") not in READABLE_VERSIONS:
             raise InputError(f"unsupported corpus format {header.get('format')!r} v{header.get('version')!r}",
                              file=header_path)
         arrays = {}
@@ -318,7 +322,7 @@ class PatientCorpus:
             arrays[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         if (directory / IDS_FILE).is_file():
             ids = np.load(directory / IDS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
-        elif (directory / "patients.parquet").is_file():  # corpora saved before ehrsynth 0.1 kept ids in Parquet
+        elif (directory / "patients.parquet").is_file():  # format version 1 kept the ids in Parquet
             ids = pl.read_parquet(directory / "patients.parquet")["patient_id"].to_numpy()
         else:
             raise MissingFileError("corpus patient identifiers missing", file=directory / IDS_FILE)

@@ -16,7 +16,7 @@ from ehrsynth.data.corpus import SPLIT_NAMES, PatientCorpus
 from ehrsynth.errors import ConfigError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no truth value: compare views by identity
 class CorpusView:
     """``patients`` (int64 indices into ``corpus``, in order) of ``corpus``, without copying its arrays."""
 

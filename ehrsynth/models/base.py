@@ -68,8 +68,8 @@ class GenerativeModel(nn.Module):
         ``train_model`` passes), computing the meta facts the model needs."""
         return cls(config, CorpusMeta.from_corpus(corpus))
 
-    def collate(self, corpus: PatientCorpus, patients: np.ndarray) -> dict[str, torch.Tensor]:
-        """Tensors for the patients ``patients`` (indices into ``corpus``), on the CPU."""
+    def collate(self, corpus: PatientCorpus, patients: np.ndarray) -> dict[str, Any]:
+        """Tensors for the patients ``patients`` (indices into ``corpus``), on the CPU, plus host-side sizes."""
         raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: D401

@@ -235,10 +235,10 @@ def encode_records(
         columns, c_batch, c_row = mapped[known], c_batch[known], c_row[known]
     parts = [(c_batch, c_row, columns)]
 
-    days = np.asarray(corpus.visit_days)  # float64; indexed per batch, never converted whole
+    days = np.asarray(corpus.visit_days)  # indexed per batch, never converted whole
     if layout.gap_edges:
         later = v_row > 2
-        gap = days[visits[later]] - days[visits[later] - 1]
+        gap = days[visits[later]].astype(np.float64) - days[visits[later] - 1]
         bins = bin_index(gap, layout.gap_edges)
         known = bins >= 0
         parts.append((v_batch[later][known], v_row[later][known], layout.gap_start + bins[known]))
@@ -258,7 +258,7 @@ def encode_records(
         # the age at the first kept visit (visit_days counts from the patient's first visit)
         shift = np.zeros(B)
         has = keep > 0
-        shift[has] = np.nan_to_num(days[first[has]]) / 365.25
+        shift[has] = np.nan_to_num(days[first[has]].astype(np.float64)) / 365.25
         buckets = bin_index(np.asarray(corpus.age_at_first_visit)[patients].astype(np.float64) + shift,
                             layout.age_edges)
         known = np.flatnonzero(buckets >= 0)

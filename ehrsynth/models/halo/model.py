@@ -119,11 +119,8 @@ class HaloModel(GenerativeModel):
         if len(encoded.unknown_codes):
             raise ConfigError(f"{len(np.unique(encoded.unknown_codes))} code(s) of the batch are not in the model "
                               f"vocabulary, e.g. {unknown_code_names(corpus, encoded.unknown_codes)!r}")
-        lengths = encoded.lengths
-        n_rows = int(lengths.max()) + 3 if len(lengths) else 3
-        input_rows = np.flatnonzero(np.arange(n_rows - 1)[None, :] <= lengths[:, None] + 1)  # rows 0..length+1
-        return {"ones": torch.from_numpy(encoded.ones), "lengths": torch.from_numpy(lengths),
-                "input_rows": torch.from_numpy(input_rows), "n_rows": n_rows}
+        return {"ones": torch.from_numpy(encoded.ones), "lengths": torch.from_numpy(encoded.lengths),
+                **input_rows(encoded.lengths)}
 
     def logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits of every target row: ((B, T-1, C) logits of rows 1..T-1, (B, T, C) rows)."""
@@ -145,6 +142,8 @@ class HaloModel(GenerativeModel):
         rows per record against a longest record of 10-20). Both give the same loss; None picks the cheaper
         by a cost model of the linear layers and attention.
         """
+        if "input_rows" not in batch:  # a batch built by hand: derive the host-side sizes (reads the device)
+            batch = {**batch, **input_rows(batch["lengths"].cpu().numpy(), device=batch["lengths"].device)}
         x = dense_rows(batch["ones"], batch["lengths"], self.layout.n_columns, n_rows=batch["n_rows"])  # (B, T, C)
         B, T, C = x.shape
         rows = batch["input_rows"]  # (N,) flat positions in (B, T-1); its length is known on the host
@@ -275,6 +274,14 @@ class HaloModel(GenerativeModel):
                                     chunk_size=chunk_size, progress=progress):
             corpus.stats["seed"] = int(seed)
             yield corpus
+
+
+def input_rows(lengths: np.ndarray, device: torch.device | None = None) -> dict[str, Any]:
+    """``{"input_rows": (N,) int64, "n_rows": T}`` of records with ``lengths`` visits: T = longest + 3 rows, and
+    the flat positions in (B, T-1) of the input rows that exist (rows 0 .. length + 1 of each record)."""
+    n_rows = int(lengths.max()) + 3 if len(lengths) else 3
+    rows = np.flatnonzero(np.arange(n_rows - 1)[None, :] <= np.asarray(lengths)[:, None] + 1)
+    return {"input_rows": torch.from_numpy(rows).to(device or "cpu"), "n_rows": n_rows}
 
 
 def unknown_code_names(corpus: PatientCorpus, code_ids: np.ndarray, limit: int = 10) -> list[str]:
