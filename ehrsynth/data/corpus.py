@@ -182,11 +182,15 @@ class PatientCorpus:
             stats=dict(self.stats),
         )
 
-    def part(self, name: str) -> PatientCorpus:
-        """The patients of one split part: ``'train'``, ``'val'`` or ``'test'``."""
+    def part_indices(self, name: str) -> np.ndarray:
+        """Indices, in corpus order, of the patients of one split part: ``'train'``, ``'val'`` or ``'test'``."""
         if name not in SPLIT_NAMES:
             raise ConfigError(f"split part must be one of {SPLIT_NAMES}, got {name!r}")
-        return self.subset(np.flatnonzero(np.asarray(self.split) == SPLIT_NAMES.index(name)))
+        return np.flatnonzero(np.asarray(self.split) == SPLIT_NAMES.index(name))
+
+    def part(self, name: str) -> PatientCorpus:
+        """The patients of one split part, copied out (:class:`~ehrsynth.data.view.CorpusView` does not copy)."""
+        return self.subset(self.part_indices(name))
 
     def with_split(self, fractions: tuple[float, float, float] = (0.72, 0.08, 0.2), *, seed: int = 0) -> PatientCorpus:
         """Assign a seeded train/val/test split by patient (HALO's default 72/8/20)."""

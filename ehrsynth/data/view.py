@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ehrsynth.data.corpus import SPLIT_NAMES, PatientCorpus
-from ehrsynth.errors import ConfigError
+from ehrsynth.data.corpus import PatientCorpus
 
 
 @dataclass(frozen=True, eq=False)  # arrays have no truth value: compare views by identity
@@ -34,9 +33,7 @@ class CorpusView:
     def part(cls, corpus: PatientCorpus, name: str) -> CorpusView:
         """The patients of one split part (``'train'``, ``'val'`` or ``'test'``), in corpus order -- the same
         patients, in the same order, as ``corpus.part(name)``."""
-        if name not in SPLIT_NAMES:
-            raise ConfigError(f"split part must be one of {SPLIT_NAMES}, got {name!r}")
-        return cls(corpus, np.flatnonzero(np.asarray(corpus.split) == SPLIT_NAMES.index(name)))
+        return cls(corpus, corpus.part_indices(name))
 
     @property
     def n_patients(self) -> int:

@@ -37,6 +37,7 @@ index ``n_ctx - 1``, when reached, is the end row by construction (the window is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -285,6 +286,14 @@ def dense_rows(ones: torch.Tensor, lengths: torch.Tensor, n_columns: int, n_rows
     x = torch.zeros(B * T * n_columns, device=ones.device)
     x[ones] = 1.0
     return x.view(B, T, n_columns)  # (B, T, C)
+
+
+def input_rows(lengths: np.ndarray, device: torch.device | None = None) -> dict[str, Any]:
+    """``{"input_rows": (N,) int64, "n_rows": T}`` of records with ``lengths`` visits: T = longest + 3 rows, and
+    the flat positions in (B, T-1) of the input rows that exist (rows 0 .. length + 1 of each record)."""
+    n_rows = int(lengths.max()) + 3 if len(lengths) else 3
+    rows = np.flatnonzero(np.arange(n_rows - 1)[None, :] <= np.asarray(lengths)[:, None] + 1)
+    return {"input_rows": torch.from_numpy(rows).to(device or "cpu"), "n_rows": n_rows}
 
 
 def target_row_kinds(lengths: torch.Tensor, n_rows: int, n_ctx: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
 from ehrsynth.models.halo.config import HaloConfig
-from ehrsynth.models.halo.encoding import ColumnLayout, bin_values, dense_rows, encode_records
+from ehrsynth.models.halo.encoding import ColumnLayout, bin_values, dense_rows, encode_records, input_rows
 from ehrsynth.models.halo.likelihood import LikelihoodResult, log_likelihood
 from ehrsynth.models.halo.network import CoarseTransformer, FineHead, packed_mask
 
@@ -274,14 +274,6 @@ class HaloModel(GenerativeModel):
                                     chunk_size=chunk_size, progress=progress):
             corpus.stats["seed"] = int(seed)
             yield corpus
-
-
-def input_rows(lengths: np.ndarray, device: torch.device | None = None) -> dict[str, Any]:
-    """``{"input_rows": (N,) int64, "n_rows": T}`` of records with ``lengths`` visits: T = longest + 3 rows, and
-    the flat positions in (B, T-1) of the input rows that exist (rows 0 .. length + 1 of each record)."""
-    n_rows = int(lengths.max()) + 3 if len(lengths) else 3
-    rows = np.flatnonzero(np.arange(n_rows - 1)[None, :] <= np.asarray(lengths)[:, None] + 1)
-    return {"input_rows": torch.from_numpy(rows).to(device or "cpu"), "n_rows": n_rows}
 
 
 def unknown_code_names(corpus: PatientCorpus, code_ids: np.ndarray, limit: int = 10) -> list[str]:
