@@ -27,6 +27,11 @@ def _split(value: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def _overwrite_option(what: str):
+    return click.option("--overwrite", is_flag=True,
+                        help=f"Replace an existing {what} written by ehrsynth (nothing else is ever replaced).")
+
+
 class _Group(click.Group):
     """Turns every project error into one line on stderr and exit code 2, whoever invokes the CLI."""
 
@@ -78,12 +83,18 @@ def cli(threads: int | None) -> None:
 @click.option("--code-system", default=None, help="long: system prefix for codes that carry none, e.g. ICD10CM.")
 @click.option("--visit-window-hours", type=float, default=None,
               help="meds: merge events within this many hours into one visit (default: same timestamp).")
+@_overwrite_option("corpus")
 def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup, max_visits, keep_visits,
             max_codes_per_visit, empty, split_fractions, seed, patient_col, visit_col, code_col, time_col,
-            code_system, visit_window_hours) -> None:
-    """Read a source into a corpus directory (with a seeded train/val/test split)."""
+            code_system, visit_window_hours, overwrite) -> None:
+    """Read a source into a corpus directory (with a seeded train/val/test split).
+
+    The corpus holds real patients, so it is private to you (0700/0600) whatever your umask."""
     from ehrsynth.data.build import BuildOptions
     from ehrsynth.data.readers import read_source
+    from ehrsynth.outputs import check_output
+
+    check_output(output, "corpus", flag="--output", overwrite=overwrite, inputs={"--input": input_path})
 
     options = BuildOptions(
         min_count=min_count,
@@ -100,7 +111,7 @@ def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup,
               "time": time_col, "code_system": code_system, "visit_window_hours": visit_window_hours}
     with _spinner(f"reading {source} from {input_path}"):
         corpus = read_source(source, input_path, options=options, **kwargs)
-        corpus.save(output)
+        corpus.save(output, private=True)
     summary = corpus.describe()
     click.echo(f"wrote {output}: {summary['patients']} patients, {summary['visits']} visits, "
                f"{summary['code_occurrences']} codes, vocabulary {summary['vocabulary_size']}")
@@ -163,10 +174,12 @@ def format_description(summary: dict) -> str:
               help="Architecture preset: the paper's network, or a small one for CPUs and quick runs "
                    "(--config model options override it).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and exit.")
+@_overwrite_option("run directory")
 def train_command(model, data, out, config_file, resume, max_steps, max_epochs, batch_size, lr, seed, device,
-                  nproc, preset, dry_run) -> None:
+                  nproc, preset, dry_run, overwrite) -> None:
     """Train MODEL (halo or ehrdiff) on a corpus; the best model lands in OUT/model."""
-    from ehrsynth.pipeline import MODEL_PRESETS, read_config_file, train_model
+    from ehrsynth.outputs import check_output, remove_output
+    from ehrsynth.pipeline import MODEL_PRESETS, RUN_HINT, read_config_file, train_model
 
     sections = read_config_file(config_file)
     sections["model"] = {**MODEL_PRESETS[model][preset], **sections["model"]}
@@ -179,11 +192,16 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
         resolved = {**model_class(model).default_train_config(), **sections["training"]}
         click.echo(json.dumps({"model": sections["model"], "training": resolved}, indent=2))
         return
+    if int(os.environ.get("RANK", 0)) == 0:
+        check_output(out, "run", flag="--out", overwrite=overwrite or resume, hint=RUN_HINT,
+                     inputs={"--data": data, "--config": config_file})
     if nproc > 1:
+        if overwrite and not resume:
+            remove_output(out, "run")  # here, not in the ranks, so no rank deletes what another writes
         _relaunch_with_torchrun(nproc)
         return
     result = train_model(model, data, out, model_options=sections["model"], training_options=sections["training"],
-                         resume=resume, progress=True)
+                         resume=resume, overwrite=overwrite, progress=True)
     if int(os.environ.get("RANK", 0)) != 0:
         return  # under torchrun only rank 0 reports
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
@@ -229,15 +247,15 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="EHRDiff: Heun steps (default 32).")
 @click.option("--guidance", type=float, default=None,
               help="EHRDiff: classifier-free guidance scale for --condition (default 1).")
+@_overwrite_option("synthetic output")
 def generate(run, n, out, output_format, conditions, seed, batch_size, device, condition_mode, steps,
-             guidance) -> None:
+             guidance, overwrite) -> None:
     """Generate N synthetic patients from a trained RUN and write them to OUT."""
     from ehrsynth.pipeline import generate_sharded, parse_conditions
 
-    Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
     corpus = generate_sharded(run, n, out, output_format, seed=seed, conditions=parse_conditions(conditions),
                               batch_size=batch_size, progress=True, device=device, condition_mode=condition_mode,
-                              steps=steps, guidance=guidance)
+                              steps=steps, guidance=guidance, overwrite=overwrite)
     if corpus is None:
         return  # under torchrun, rank 0 reports
     summary = corpus.describe()
@@ -275,12 +293,14 @@ def perplexity_command(run, data, part) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory.")
 @click.option("--seed", type=int, default=0, help="Seed of every sampled metric.")
 @click.option("--privacy-n", type=click.IntRange(min=10), default=2000, help="Patients per set for privacy metrics.")
-def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir, out, seed, privacy_n) -> None:
+@_overwrite_option("report")
+def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir, out, seed, privacy_n,
+                     overwrite) -> None:
     """Measure fidelity, utility and privacy; write metrics.json and a self-contained report.html."""
     from ehrsynth.pipeline import evaluate_to
 
     report, rows = evaluate_to(train_dir, test_dir, synthetic, out, synthetic_source=synthetic_source,
-                               model_dir=model_dir, seed=seed, privacy_n=privacy_n)
+                               model_dir=model_dir, seed=seed, privacy_n=privacy_n, overwrite=overwrite)
     click.echo(format_headline(rows))
     click.echo(f"report: {report}")
 
@@ -294,12 +314,14 @@ def format_headline(rows) -> str:
 @click.option("--model", "family", type=click.Choice(["halo", "ehrdiff"]), default="halo", help="Model to run.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ehrsynth-demo"), help="Output directory.")
 @click.option("--seed", type=int, default=0, help="Seed of the split, training, sampling and metrics.")
-def demo(family: str, out: Path, seed: int) -> None:
+@_overwrite_option("demo folder")
+def demo(family: str, out: Path, seed: int, overwrite: bool) -> None:
     """Run the whole path on the bundled demo data (OMOP GiBleed, 2,694 synthetic persons):
     prepare -> split -> train -> generate -> evaluate -> report."""
     from ehrsynth.pipeline import run_demo
 
-    report, rows = run_demo(family, out, seed=seed, progress=True, say=lambda line: click.echo(line, err=True))
+    report, rows = run_demo(family, out, seed=seed, progress=True, say=lambda line: click.echo(line, err=True),
+                            overwrite=overwrite)
     click.echo(format_headline(rows))
     click.echo(f"report: {report}")
 

@@ -68,3 +68,8 @@ class ConfigError(EhrsynthError):
 
 class NotFittedError(EhrsynthError):
     """A model was asked to sample or score before it was trained or loaded."""
+
+
+class OutputError(ConfigError):
+    """An output path that would destroy something: a file or folder ehrsynth did not write, another kind of
+    ehrsynth output, an existing output without ``--overwrite``, or a path overlapping an input."""

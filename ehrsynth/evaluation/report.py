@@ -19,7 +19,7 @@ import numpy as np
 
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.evaluation import fidelity, privacy, utility
-from ehrsynth.models.io import atomic_write_text
+from ehrsynth.outputs import staged_output
 
 HEADLINES = (
     # (section, label, path into metrics, reading)
@@ -117,13 +117,14 @@ def write_report(
     *,
     title: str = "ehrsynth evaluation",
 ) -> Path:
-    """Write ``metrics.json`` and ``report.html`` into ``out_dir`` (each atomically); returns the HTML path."""
+    """Write ``metrics.json`` and ``report.html`` as the directory ``out_dir``, in one rename; returns the HTML
+    path. An existing ``out_dir`` is replaced only when it is an ehrsynth report (see :mod:`ehrsynth.outputs`)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     figures = _figures(metrics, train, synthetic)
     page = _html(title, metrics, figures)
-    atomic_write_text(out_dir / "report.html", page)
+    with staged_output(out_dir, "report") as staging:
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (staging / "report.html").write_text(page)
     return out_dir / "report.html"
 
 

@@ -1,8 +1,8 @@
 """One model-agnostic save/load: safetensors weights plus a JSON config, never pickle.
 
 A saved model is a directory holding ``model.safetensors`` and ``model.json``; ``model.json`` names the model
-family, its config and its :class:`~ehrsynth.models.base.CorpusMeta`. Both files are written to temporary names
-and renamed, so a killed run never leaves a corrupt model.
+family, its config and its :class:`~ehrsynth.models.base.CorpusMeta`. Both are written into one staging
+directory renamed into place once, so a killed run never leaves a corrupt or mixed model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ehrsynth.errors import ConfigError, InputError, MissingFileError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
+from ehrsynth.outputs import staged_output
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
@@ -56,18 +57,21 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
 
 
 def save_model(model: GenerativeModel, directory: str | Path) -> Path:
-    """Save ``model`` (weights + config + meta) into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = _unwrap(model).state_dict()
-    atomic_save_tensors(state, directory / WEIGHTS)
+    """Save ``model`` (weights + config + meta) into ``directory``.
+
+    Both files are written into one staging directory that replaces ``directory`` in a single rename, so a
+    kill can never leave weights of one version beside the JSON of another.
+    """
     header = {
         "family": model.family,
         "config": config_to_dict(model.config),
         "meta": model.meta.to_dict(),
     }
-    atomic_write_text(directory / CONFIG, json.dumps(header, indent=2))
-    return directory
+    state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    with staged_output(directory, "model") as staging:
+        save_file(state, str(staging / WEIGHTS))
+        (staging / CONFIG).write_text(json.dumps(header, indent=2))
+    return Path(directory)
 
 
 def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> GenerativeModel:

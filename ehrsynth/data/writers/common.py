@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from ehrsynth.data.corpus import PatientCorpus, replace_directory
+from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.errors import ConfigError
+from ehrsynth.outputs import staged_file, staged_output
 
 DEFAULT_ANCHOR = "2100-01-01"
 _DAYS_PER_YEAR = 365.25
@@ -130,40 +127,16 @@ def code_systems(code: pl.Expr) -> pl.Expr:
     return code.str.split_exact("/", 1).struct.field("field_0")
 
 
-@contextlib.contextmanager
-def staging_directory(target: str | Path) -> Iterator[Path]:
-    """Yield an empty directory beside ``target``; on success it replaces ``target``, on error it is removed.
+def staging_directory(target: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """An empty directory beside ``target``; on success it replaces ``target``, on error it is removed.
 
-    So a writer that fails half way leaves neither a partial ``target`` nor its staging directory behind.
+    So a writer that fails half way leaves neither a partial ``target`` nor its staging directory behind, and
+    an existing ``target`` is replaced only when ehrsynth wrote it (see :mod:`ehrsynth.outputs`).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        replace_directory(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    return staged_output(target, "synthetic")
 
 
-@contextlib.contextmanager
-def staging_file(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is renamed to ``target``, on error removed
-    (with the folders this call had to create for it)."""
-    target = Path(target)
-    created = next((p for p in reversed(target.parents) if not p.exists()), None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(handle)
-    staging = Path(name)
-    done = False
-    try:
-        yield staging
-        os.replace(staging, target)
-        done = True
-    finally:
-        if staging.exists():
-            staging.unlink()
-        if not done and created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+def staging_file(target: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """A temporary path beside ``target``; on success it is renamed to ``target``, on error removed (with the
+    folders this call had to create for it)."""
+    return staged_file(target, "synthetic")
