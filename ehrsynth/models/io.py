@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ehrsynth.errors import ConfigError, InputError, MissingFileError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
-from ehrsynth.outputs import staged_output
+from ehrsynth.outputs import current_umask, staged_output
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
@@ -53,6 +53,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates 0600; outputs follow the umask
     os.replace(tmp, path)
 
 
