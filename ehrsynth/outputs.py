@@ -61,8 +61,14 @@ def write_marker(path: Path, kind: str) -> None:
 
 
 def output_kind(path: str | Path) -> str | None:
-    """The kind of ehrsynth output at ``path``, or None when it is not one of ours (or does not exist)."""
-    path = Path(path)
+    """The kind of ehrsynth output at ``path``, or None when it is not one of ours (or cannot be read)."""
+    try:
+        return _kind(Path(path))
+    except OSError:  # unreadable: not provably ours, so never replaced
+        return None
+
+
+def _kind(path: Path) -> str | None:
     if not os.path.lexists(path) or path.is_symlink():
         return None
     marker = marker_path(path)
@@ -126,6 +132,8 @@ def check_output(path: str | Path, kind: str, *, flag: str, overwrite: bool = Fa
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise OutputError(f"{where}: {ancestor} is a file, so nothing can be written inside it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{where}: no permission to write in {ancestor}")
     if target.is_symlink():
         raise OutputError(f"{where} is a symbolic link; give the path it points to")
     real = target.resolve()
@@ -159,7 +167,10 @@ def absolute(path: str | Path) -> Path:
 
 
 def _empty_dir(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+    try:
+        return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -100,7 +100,13 @@ def test_prepare_refuses_foreign_paths_and_overlapping_inputs(work, data_dir):
                              (work / "raw", "contains")):
         refused(ehrsynth("prepare", "--source", "mimic3", "--input", raw, "--output", output, "--overwrite"),
                 "--output", relation, "--input")
-    assert snapshot(work / "raw") == raw_before
+    link = work / "link"  # paths are compared after resolving links, both ways
+    link.symlink_to(raw)
+    refused(ehrsynth("prepare", "--source", "mimic3", "--input", link, "--output", raw, "--overwrite"),
+            "is the same path as")
+    refused(ehrsynth("prepare", "--source", "mimic3", "--input", mimic, "--output", link, "--overwrite"),
+            "symbolic link")
+    assert snapshot(work / "raw") == raw_before and link.resolve() == raw
 
 
 def test_prepare_overwrites_its_own_corpus_privately(work, data_dir):
