@@ -201,7 +201,7 @@ def test_cli_entry_point_subprocess(tmp_path):
     result = subprocess.run([str(executable), *_prepare_args(path, output)[1:]], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
-    assert result.stderr == f"error: {path}, column 'visit', row 2: unparsable date '2020-13-45'\n"
+    assert result.stderr == f"error: {path}, column 'visit', row 2: unparsable date '2020-13-45' (1 of 2 fail; expected ISO (YYYY-MM-DD))\n"
     assert result.stdout == ""
     assert not output.exists()
 
