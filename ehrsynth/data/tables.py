@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.csv as pa_csv
 
 from ehrsynth.data.dates import DATETIME_FORMATS, parse_datetime  # noqa: F401  (readers import them from here)
 from ehrsynth.errors import EmptyTableError, InputError, MissingColumnError, MissingFileError, ParseError, short
@@ -120,6 +118,9 @@ def _check_row_widths(path: Path, header: list[str]) -> None:
     polars fills a short row with nulls, which would silently drop its values; Arrow's CSV parser reports it.
     Only the first column is converted, so the pass is cheap.
     """
+    import pyarrow as pa  # late: only CSV input needs it
+    import pyarrow.csv as pa_csv
+
     bad: list[tuple[int | None, int, int]] = []
 
     def on_invalid(row) -> str:
