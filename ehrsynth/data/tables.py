@@ -130,7 +130,9 @@ def _check_row_widths(path: Path, header: list[str]) -> None:
     try:
         reader = pa_csv.open_csv(
             pa.input_stream(str(path), compression="detect"),
-            read_options=pa_csv.ReadOptions(use_threads=False, block_size=1 << 24),
+            # Latin-1 maps every byte to a character, so a stray non-UTF-8 byte cannot break the row counting
+            # (polars' read then reports it with its row); separators and quotes are ASCII either way.
+            read_options=pa_csv.ReadOptions(use_threads=False, block_size=1 << 24, encoding="latin-1"),
             parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True),
             convert_options=pa_csv.ConvertOptions(include_columns=[header[0]], column_types={header[0]: pa.string()}),
         )
