@@ -6,6 +6,7 @@ Every :class:`~ehrsynth.errors.EhrsynthError` becomes one line on stderr and exi
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,8 +33,29 @@ def _overwrite_option(what: str):
                         help=f"Replace an existing {what} written by ehrsynth (nothing else is ever replaced).")
 
 
+def _finite_non_negative(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Option callback: refuse NaN, infinities and negative numbers, naming the flag."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _cuda_if_available(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Option callback: ``--device cuda`` on a machine without CUDA is a usage error, not a torch traceback."""
+    if value == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter("CUDA is not available on this machine; use --device cpu or auto")
+    return value
+
+
 class _Group(click.Group):
-    """Turns every project error into one line on stderr and exit code 2, whoever invokes the CLI."""
+    """Turns every project error into one line on stderr and exit code 2, whoever invokes the CLI.
+
+    Anything else is a bug: as a last resort it prints one line naming a log file that holds the traceback,
+    and exits 1 (never 2), so tests and ``benchmarks/fuzz_readers.py`` can count how often this net fires.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -41,6 +63,18 @@ class _Group(click.Group):
         except EhrsynthError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the safety net, see the class docstring
+            import tempfile
+            import traceback
+
+            fd, log = tempfile.mkstemp(prefix="ehrsynth-crash-", suffix=".log")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(traceback.format_exc())
+            click.echo(f"internal error ({type(exc).__name__}); please report it with the traceback in {log}",
+                       err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -81,12 +115,15 @@ def cli(threads: int | None) -> None:
 @click.option("--code-col", default=None, help="long: code column (default 'code').")
 @click.option("--time-col", default=None, help="long: optional event time column.")
 @click.option("--code-system", default=None, help="long: system prefix for codes that carry none, e.g. ICD10CM.")
-@click.option("--visit-window-hours", type=float, default=None,
+@click.option("--visit-window-hours", type=float, default=None, callback=_finite_non_negative,
               help="meds: merge events within this many hours into one visit (default: same timestamp).")
+@click.option("--date-format", default=None,
+              help="strftime pattern tried first on every date column, e.g. '%d/%m/%Y' (ISO and a documented "
+                   "set of common formats are recognised without it).")
 @_overwrite_option("corpus")
 def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup, max_visits, keep_visits,
             max_codes_per_visit, empty, split_fractions, seed, patient_col, visit_col, code_col, time_col,
-            code_system, visit_window_hours, overwrite) -> None:
+            code_system, visit_window_hours, date_format, overwrite) -> None:
     """Read a source into a corpus directory (with a seeded train/val/test split).
 
     The corpus holds real patients, so it is private to you (0700/0600) whatever your umask."""
@@ -110,7 +147,7 @@ def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup,
     kwargs = {"tables": tuple(tables) or None, "patient": patient_col, "visit": visit_col, "code": code_col,
               "time": time_col, "code_system": code_system, "visit_window_hours": visit_window_hours}
     with _spinner(f"reading {source} from {input_path}"):
-        corpus = read_source(source, input_path, options=options, **kwargs)
+        corpus = read_source(source, input_path, options=options, date_format=date_format, **kwargs)
         corpus.save(output, private=True)
     summary = corpus.describe()
     click.echo(f"wrote {output}: {summary['patients']} patients, {summary['visits']} visits, "
@@ -167,7 +204,8 @@ def format_description(summary: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override training.batch_size.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override training.lr.")
 @click.option("--seed", type=int, default=None, help="Override training.seed.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override training.device.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, callback=_cuda_if_available,
+              help="Override training.device.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1,
               help="Launch this many processes with torchrun (DDP) on this machine.")
 @click.option("--preset", type=click.Choice(["paper", "small"]), default="paper",
@@ -241,11 +279,11 @@ def _relaunch_with_torchrun(nproc: int) -> None:
               help="Fix a static value, e.g. label:mortality=1 or sex=F (repeatable).")
 @click.option("--seed", type=int, default=0, help="Sampling seed: the same seed gives the same patients.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Patients sampled at once.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", callback=_cuda_if_available)
 @click.option("--condition-mode", type=click.Choice(["forced", "posterior"]), default=None,
               help="HALO: force the fixed static values (forced), or sample exactly given them (posterior).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="EHRDiff: Heun steps (default 32).")
-@click.option("--guidance", type=float, default=None,
+@click.option("--guidance", type=float, default=None, callback=_finite_non_negative,
               help="EHRDiff: classifier-free guidance scale for --condition (default 1).")
 @_overwrite_option("synthetic output")
 def generate(run, n, out, output_format, conditions, seed, batch_size, device, condition_mode, steps,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import torch
 from ehrsynth.data.corpus import PatientCorpus, concat_corpora
 from ehrsynth.data.stream import save_stream
 from ehrsynth.data.view import CorpusView
-from ehrsynth.errors import ConfigError, InputError
+from ehrsynth.errors import ConfigError, InputError, short
 from ehrsynth.models import model_class
 from ehrsynth.models.io import config_from_dict, load_model
 from ehrsynth.outputs import (check_output, make_staging, output_kind, remove_output, scratch_directory,
@@ -201,6 +202,10 @@ def generate_chunks(
         raise ConfigError(f"-n must be >= 1, got {n!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} requested but CUDA is not available on this machine")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0, got {guidance!r}")
     if device == "cuda":  # under torchrun each process takes its own GPU
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model = load_model(run_dir, device=device)
@@ -316,11 +321,13 @@ def evaluate_to(
              (("--train", train), ("--test", test), ("--synthetic", synthetic), ("--model", model_dir))}
     check_output(out, "report", flag="--out", overwrite=overwrite, inputs=paths)
 
+    synthetic_where = None if isinstance(synthetic, PatientCorpus) else synthetic
     train = train if isinstance(train, PatientCorpus) else load_corpus_part(train, "train")
     test = test if isinstance(test, PatientCorpus) else load_corpus_part(test, "test")
     if not isinstance(synthetic, PatientCorpus):
         synthetic = (PatientCorpus.load(synthetic) if synthetic_source == "corpus"
                      else read_source(synthetic_source, synthetic))
+    check_vocabulary_overlap(synthetic, train, where=synthetic_where)
     flattened = bool(synthetic.n_visits == synthetic.n_patients and train.n_visits > train.n_patients)
     if flattened:  # a patient-level generator (EHRDiff): compare it with patient-level real data
         train, test = train.flatten_visits(), test.flatten_visits()
@@ -336,6 +343,29 @@ def evaluate_to(
     metrics["_meta"]["real_flattened_to_one_visit"] = flattened
     report = write_report(metrics, train, synthetic, out)
     return report, headline(metrics)
+
+
+MIN_SHARED_CODE_SHARE = 0.5  # evaluate refuses synthetic data with fewer of its codes known to the real data
+
+
+def check_vocabulary_overlap(synthetic: PatientCorpus, real: PatientCorpus, *, where: str | Path | None = None) -> None:
+    """Refuse to compare corpora that hardly share codes: every metric would be a meaningless normal-looking
+    number (a different code system, a missing ``SYSTEM/`` prefix, the wrong corpus).
+
+    Raises:
+        InputError: when fewer than :data:`MIN_SHARED_CODE_SHARE` of the synthetic data's distinct codes occur
+            in the real corpus.
+    """
+    used = [c for c, n in zip(synthetic.vocab.codes, synthetic.vocab.counts) if n > 0]
+    if not used:
+        raise InputError("the synthetic data holds no code", file=where)
+    known = set(real.vocab.codes)
+    shared = sum(c in known for c in used)
+    if shared < MIN_SHARED_CODE_SHARE * len(used):
+        example = short(next(c for c in used if c not in known))
+        raise InputError(f"only {shared} of the {len(used)} synthetic codes occur in the real training data "
+                         f"(at least {MIN_SHARED_CODE_SHARE:.0%} must; e.g. {example} is unknown): wrong corpus "
+                         "or code system?", file=where)
 
 
 # Architecture presets of ``ehrsynth train --preset``: the paper's networks, or small ones for CPUs.
