@@ -163,12 +163,13 @@ def run_variant(corpus: PatientCorpus, variant: str, seed: int, args: argparse.N
 
 
 # ---- table --------------------------------------------------------------------------------------------------
-def cell(values: list[float]) -> str:
+def cell(values: list[float], name: str = "") -> str:
+    """Mean +- standard deviation over the seeds (counts and large values without decimals, times with one)."""
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    digits = 0 if abs(mean) >= 100 else 3
+    digits = 0 if name.startswith("NZC") or abs(mean) >= 100 else 1 if name.endswith(" s") else 3
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
@@ -182,9 +183,9 @@ def print_table(results: dict[str, dict[str, Any]], variants: list[str]) -> None
     for dataset, result in results.items():
         names = list(dict.fromkeys(k for runs in result["runs"].values() for run in runs for k in run))
         for name in names:
-            row = [dataset, name, cell([result["ceiling"].get(name)])]
-            row += [cell([result["ceiling_flat"].get(name)])] if flat else []
-            row += [cell([run.get(name) for run in result["runs"][v]]) for v in variants]
+            row = [dataset, name, cell([result["ceiling"].get(name)], name)]
+            row += [cell([result["ceiling_flat"].get(name)], name)] if flat else []
+            row += [cell([run.get(name) for run in result["runs"][v]], name) for v in variants]
             print("| " + " | ".join(row) + " |")
 
 
