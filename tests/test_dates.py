@@ -103,7 +103,8 @@ def test_assign_dates_every_visit_inside_its_bin(request, name):
     if model.anchor == "first":
         assert np.all(out.visit_start[anchor] == out.visit_start[anchor].astype("datetime64[D]"))  # 00:00
     # ages stay in their bucket; birth year = floor(first visit's fractional year - age)
-    np.testing.assert_array_equal(bin_index(out.age_at_first_visit, AGES), bin_index(generated.age_at_first_visit, AGES))
+    np.testing.assert_array_equal(bin_index(out.age_at_first_visit, AGES),
+                                  bin_index(generated.age_at_first_visit, AGES))
     start = out.visit_start[out.visit_offsets[:-1]]
     jan1 = start.astype("datetime64[Y]")
     fraction = ((start - jan1.astype("datetime64[s]")).astype(np.int64)

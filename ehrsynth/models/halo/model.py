@@ -248,7 +248,8 @@ class HaloModel(GenerativeModel):
 
         Returns:
             A corpus with visit_days from the gap bins, sex/age/labels from the static row, the training
-            vocabulary (counts = generated visit counts), split all train, visit_start NaT.
+            vocabulary (counts = generated visit counts), split all train; days, dates, ages and birth years
+            drawn by :mod:`ehrsynth.models.dates` (visit_start NaT for a model saved without a date model).
         """
         from ehrsynth.models.halo.sampling import sample
 
