@@ -313,15 +313,16 @@ def test_omop_bad_options(mimic3_all, tmp_path):
 
 
 def test_undated_visits(gibleed, tmp_path):
-    """A generator may lose track of time (HALO: NaN days from an unknown gap on). Every format keeps those
-    visits, in their place: an undated visit is written on its predecessor's day (1 s later)."""
+    """Input may lack days (NaN from some visit on). Every format keeps those visits, in their place: an undated
+    visit is written one day after its predecessor."""
     synthetic = synthetic_like(gibleed)
     number = np.arange(synthetic.n_visits) - synthetic.visit_offsets[:-1][synthetic.visit_patient()]
     undated = number >= 10
     assert 0 < int(undated.sum()) and int((synthetic.visits_per_patient() > 20).sum()) > 0
     synthetic = dataclasses.replace(synthetic, visit_days=np.where(undated, np.nan, synthetic.visit_days))
     tenth_visit_day = synthetic.visit_days[np.flatnonzero(number == 9)][np.cumsum(number == 9) - 1]
-    carried = dataclasses.replace(synthetic, visit_days=np.where(undated, tenth_visit_day, synthetic.visit_days))
+    carried = dataclasses.replace(synthetic, visit_days=np.where(undated, tenth_visit_day + number - 9,
+                                                                 synthetic.visit_days))
     for back in (read_long(write_long(synthetic, tmp_path / "long.parquet")),
                  read_omop(write_omop(synthetic, tmp_path / "omop")),
                  read_meds(write_meds(synthetic, tmp_path / "meds"))):

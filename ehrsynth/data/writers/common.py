@@ -63,11 +63,16 @@ def birth_year_start(birth_year: np.ndarray) -> np.ndarray:
 def visit_times(corpus: PatientCorpus, anchor_date: str = DEFAULT_ANCHOR) -> np.ndarray:
     """(V,) datetime64[us] visit times: the real start where known, else a plausible date from ``visit_days``.
 
-    Synthetic corpora have no dates (``visit_start`` is NaT) but do have ``visit_days``. Their first visit is
-    put at 1 January of the birth year plus ``age_at_first_visit`` years (365.25 days each) when both are known,
-    so a re-read gives back the age; otherwise at ``anchor_date``. Later visits follow at ``visit_days``; a
-    visit with no day offset takes the previous visit's day (1 s later, see below). Derived times are whole seconds, like
-    ``visit_start``, and distinct within a patient (ties move 1 s apart, so MEDS does not merge them).
+    Generated HALO records arrive dated (:mod:`ehrsynth.models.dates` draws their calendar from the training
+    data), so this fallback serves input that genuinely has no dates, e.g. EHRDiff output (one visit per
+    patient, no statics) or a corpus read without times. Such a first visit is put at 1 January of the birth
+    year plus ``age_at_first_visit`` years (365.25 days each) when both are known, so a re-read gives back the
+    age; otherwise at ``anchor_date`` (default 2100-01-01: plainly not a real date, as MIMIC's shifted years are
+    not, and the same for every such patient -- nothing about it is learnt from data). Later visits follow at
+    ``visit_days``; a visit with no day offset is put one day after the visit before it (the smallest gap
+    that reads as a separate dated visit in OMOP, whose visit_start_date is a date). Derived times are whole
+    seconds, like ``visit_start``, and distinct within a patient: visits whose offsets are equal move 1 s
+    apart, so MEDS does not merge them.
     """
     anchor = parse_anchor(anchor_date).astype("datetime64[us]")
     known = np.asarray(corpus.visit_start).astype("datetime64[s]").astype("datetime64[us]")
@@ -77,12 +82,12 @@ def visit_times(corpus: PatientCorpus, anchor_date: str = DEFAULT_ANCHOR) -> np.
     from_birth = born + np.round(age_seconds).astype(np.int64).astype("timedelta64[s]").astype("timedelta64[us]")
     first = np.where(np.isnat(born) | ~np.isfinite(age), anchor, from_birth)  # (P,)
     days = np.array(corpus.visit_days, dtype=np.float64)
-    # An unknown day takes its predecessor's (a patient's first visit is day 0), so no visit is lost; the tie
-    # rule below then keeps such visits 1 s apart and in corpus order.
+    # An unknown day is one day after its predecessor (a patient's first visit is day 0), so no visit is lost.
     first_visits = np.asarray(corpus.visit_offsets[:-1])[corpus.visits_per_patient() > 0]
     days[first_visits] = np.where(np.isfinite(days[first_visits]), days[first_visits], 0.0)
-    last_known = np.maximum.accumulate(np.where(np.isfinite(days), np.arange(len(days)), 0))
-    days = days[last_known] if len(days) else days
+    position = np.arange(len(days))
+    last_known = np.maximum.accumulate(np.where(np.isfinite(days), position, 0))
+    days = days[last_known] + (position - last_known) if len(days) else days
     offset = np.round(np.where(np.isfinite(days), days, 0.0) * 86_400).astype(np.int64).astype("timedelta64[s]")
     derived = np.where(np.isfinite(days), first[corpus.visit_patient()] + offset, np.datetime64("NaT", "us"))
     # Visits of one patient on the same derived time would merge in time-keyed formats (MEDS): a tie moves
