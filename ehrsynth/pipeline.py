@@ -80,12 +80,15 @@ def train_model(
     if isinstance(corpus, (str, Path)):
         corpus = PatientCorpus.load(corpus)
     model_options = dict(model_options or {})
+    given = training_options
     training_options = {**cls.default_train_config(), **(training_options or {})}
     if resume and (run_dir / "config.json").is_file():
         resolved = json.loads((run_dir / "config.json").read_text())
         if resolved["family"] != family:
             raise ConfigError(f"{run_dir} holds a {resolved['family']!r} run, not {family!r}")
-        model_options, training_options = resolved["model"], resolved["training"]
+        # budgets of this invocation (not its trajectory) may change on resume
+        budget = {k: v for k, v in (given or {}).items() if k in ("max_time", "checkpoint_minutes")}
+        model_options, training_options = resolved["model"], {**resolved["training"], **budget}
     config = config_from_dict(cls.config_class, model_options)
     train_config = config_from_dict(TrainConfig, training_options)
     # views, not copies: a memory-mapped corpus is read in place, so memory does not grow with its size

@@ -60,7 +60,7 @@ def _fit(corpus, run_dir, config, **kwargs):
 
 
 def test_loss_falls_and_run_dir_is_complete(mimic3_corpus, tmp_path, tiny_family):
-    config = TrainConfig(lr=3e-2, batch_size=16, max_epochs=20, log_every=5, seed=1)
+    config = TrainConfig(lr=3e-2, batch_size=16, max_epochs=20, log_every=5, seed=1, patience=None)
     result = _fit(mimic3_corpus, tmp_path / "run", config)
     assert result.steps == 20 * 5  # 72 training patients, batch 16 -> 5 steps per epoch
     losses = [r["train_loss"] for r in result.history if "train_loss" in r]
