@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -253,6 +254,9 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
                     "val_patients": 0 if val_corpus is None else val_corpus.n_patients}
         atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2))
         cut_metrics(run_dir / "metrics.jsonl", -1)  # a fresh start: nothing of a killed earlier attempt stays
+    if is_main:  # staging folders of checkpoints a kill interrupted
+        for stale in run_dir.glob(".checkpoint.*"):
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier(world)
     wrapped = dist.wrap(model, device)
     if config.compile:
