@@ -40,9 +40,10 @@ from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError, InputError
 from ehrsynth.models.base import GenerativeModel
-from ehrsynth.models.io import atomic_write_text, config_to_dict, save_model
+from ehrsynth.models.io import atomic_write_text, config_to_dict
 from ehrsynth.training import distributed as dist
 from ehrsynth.training.checkpoint import cut_metrics, latest_step, load_checkpoint, save_checkpoint
+from ehrsynth.training.validation import append_jsonl, evaluate_loss, to_device, validate_and_keep_best
 
 _clock = time.monotonic  # the loop's clock for time-based checkpoints and --max-time (tests replace it)
 
@@ -289,7 +290,7 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
             patients = global_batch[world.rank::world.size][:local_batch]
             if len(patients) == 0:  # a final batch smaller than the world: every rank must still step
                 patients = global_batch[-1:]
-            batch = _to_device(model.collate(train_view.corpus, train_view.patients[patients]), device)
+            batch = to_device(model.collate(train_view.corpus, train_view.patients[patients]), device)
             batch["generator"] = generator
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state["step"], planned, config)
@@ -325,13 +326,13 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
                 if bar is not None:
                     bar.set_postfix(_bar_values(model, last_train_loss, state), refresh=False)
                 if is_main:
-                    _append_jsonl(run_dir / "metrics.jsonl", record)
+                    append_jsonl(run_dir / "metrics.jsonl", record)
                 timed_checkpoint, out_of_time = dist.any_across([
                     config.checkpoint_minutes is not None and now - last_checkpoint >= 60 * config.checkpoint_minutes,
                     config.max_time is not None and now - started >= config.max_time], world)
                 end_of_run = end_of_run or out_of_time
             if state["step"] % eval_every == 0 or end_of_run:
-                _validate_and_keep_best(model, ema, val_corpus, config, state, run_dir, history, is_main, world)
+                validate_and_keep_best(model, ema, val_corpus, config, state, run_dir, history, is_main, world)
                 if bar is not None:
                     bar.set_postfix(_bar_values(model, last_train_loss, state))
             if state["batch_in_epoch"] >= steps_per_epoch:
@@ -373,85 +374,6 @@ def _bar_values(model: GenerativeModel, train_loss: float | None, state: dict[st
     return values
 
 
-@torch.no_grad()
-def evaluate_loss(model: GenerativeModel, corpus: PatientCorpus | CorpusView, *, batch_size: int,
-                  seed: int = 0) -> float:
-    """The validation criterion on ``corpus``: the summed :meth:`~GenerativeModel.validation_loss` of its
-    batches over their summed units (HALO: nats per code; default: the patient-weighted mean loss).
-
-    Noise comes from a generator seeded with ``seed`` afresh at every call, so repeated validations of the same
-    weights give the same value (EHRDiff: the same noise levels and noise for every patient each time).
-    """
-    view = CorpusView.of(corpus)
-    was_training = model.training
-    model.eval()
-    device = model.device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    units = torch.zeros((), dtype=torch.float64, device=device)
-    try:
-        for start in range(0, view.n_patients, batch_size):
-            patients = view.patients[start:start + batch_size]
-            batch = _to_device(model.collate(view.corpus, patients), device)
-            batch.update(generator=generator, n_patients=len(patients))
-            loss_sum, count = model.validation_loss(batch)
-            total += loss_sum.detach().double()
-            units += torch.as_tensor(count, dtype=torch.float64, device=device)
-    finally:
-        model.train(was_training)
-    return float(total / units.clamp_min(1.0))
-
-
-def _validate_and_keep_best(model, ema, val_corpus, config, state, run_dir, history, is_main, world):
-    with _swapped_in(model, ema):
-        if val_corpus is not None and val_corpus.n_patients > 0:
-            val_loss = evaluate_loss(model, val_corpus, batch_size=config.batch_size, seed=config.seed)
-        else:
-            val_loss = None
-        improved = val_loss is None or state["best_val_loss"] is None or val_loss < state["best_val_loss"]
-        if improved:
-            state["best_val_loss"] = val_loss
-            state["bad_evals"] = 0
-            if is_main:
-                save_model(model, run_dir / "model")
-        else:
-            state["bad_evals"] += 1
-            if config.patience is not None and state["bad_evals"] >= config.patience:
-                state["stopped_early"] = True
-    record = {"step": state["step"], "val_loss": None if val_loss is None else round(val_loss, 6),
-              "best_val_loss": state["best_val_loss"], "improved": improved}
-    history.append(record)
-    if is_main:
-        _append_jsonl(run_dir / "metrics.jsonl", record)
-    dist.barrier(world)
-
-
-class _swapped_in:
-    """Temporarily load the EMA weights into the model (validation and saving use them)."""
-
-    def __init__(self, model: torch.nn.Module, ema: list[torch.Tensor] | None) -> None:
-        self.model, self.ema = model, ema
-
-    def __enter__(self) -> None:
-        if self.ema is not None:
-            self.saved = [p.detach().clone() for p in self.model.parameters()]
-            with torch.no_grad():
-                torch._foreach_copy_(list(self.model.parameters()), self.ema)
-
-    def __exit__(self, *exc) -> None:
-        if self.ema is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(list(self.model.parameters()), self.saved)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors go to ``device`` through pinned memory (an asynchronous copy); host values such as sizes stay."""
-    if device.type == "cpu":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def _progress_bar(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
@@ -460,9 +382,6 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate_loss", "learning_rate", "epoch_order", "train", "latest_step",
