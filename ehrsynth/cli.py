@@ -200,7 +200,8 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
     why = (" (early stop)" if result.stopped_early else
            " (time budget used; --resume continues)" if result.out_of_time else "")
-    click.echo(f"trained {result.steps} steps{why}; best validation loss {best}; model in {out / 'model'}")
+    at = "" if result.best_step is None else f" (step {result.best_step})"
+    click.echo(f"trained {result.steps} steps{why}; best validation loss {best}{at}; model in {out / 'model'}")
 
 
 def _duration(value: str | None) -> float | None:

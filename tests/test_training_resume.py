@@ -167,17 +167,18 @@ def test_time_schedule_checkpoints_and_max_time_stops_resumably(mimic3_corpus, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_early_stopping_stops_on_validation_likelihood_and_keeps_the_best(mimic3_corpus, tmp_path):
+def test_early_stopping_stops_on_validation_likelihood_and_keeps_the_best(mimic3_corpus, tmp_path, capsys):
     train_part, val_part = mimic3_corpus.part("train"), mimic3_corpus.part("val")
     torch.manual_seed(0)
     model = HaloModel.from_corpus(train_part, HaloConfig(**TINY["halo"]))
     config = TrainConfig(batch_size=12, lr=1e-2, max_epochs=200, eval_every=6, patience=3, checkpoint_every=10**6,
                          device="cpu", seed=0)
-    result = train(model, train_part, val_part, config, tmp_path / "run")
+    result = train(model, train_part, val_part, config, tmp_path / "run", progress=True)
+    assert "val/code=" in capsys.readouterr().err  # the bar shows the validation NLL per code
     vals = [(r["step"], r["val_loss"]) for r in result.history if "val_loss" in r]
     best_index = int(np.argmin([v for _, v in vals]))
     assert result.stopped_early and len(vals) == best_index + 1 + 3  # three validations without a new best
-    assert result.steps == vals[-1][0] == STOP_STEP
+    assert result.steps == vals[-1][0] == STOP_STEP and result.best_step == vals[best_index][0]
     assert result.best_val_loss == pytest.approx(vals[best_index][1], abs=1e-6)
     best = load_model(tmp_path / "run")  # the best model is the one saved, scored again: the same likelihood
     assert evaluate_loss(best, val_part, batch_size=12) == pytest.approx(result.best_val_loss, rel=1e-9)
@@ -203,3 +204,23 @@ def test_no_library_draw_from_the_global_streams(mimic3_corpus, tmp_path):
     np.random.seed(7)
     train(model, train_part, mimic3_corpus.part("val"), TrainConfig(**{**TRAINING, "max_steps": 6}), tmp_path)
     assert torch.equal(after[0], torch.rand(3)) and np.array_equal(after[1], np.random.rand(3))
+
+
+def test_train_command_budget_flags_and_resume_without_checkpoint(mimic3_corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from ehrsynth.cli import cli
+
+    corpus, run = str(mimic3_corpus.save(tmp_path / "corpus")), str(tmp_path / "run")
+    base = ["train", "halo", "--data", corpus, "--out", run, "--preset", "small"]
+    shown = CliRunner().invoke(cli, [*base, "--max-time", "90s", "--patience", "0", "--checkpoint-minutes", "2",
+                                     "--dry-run"])
+    training = json.loads(shown.output)["training"]
+    assert (training["max_time"], training["patience"], training["checkpoint_minutes"]) == (90.0, None, 2.0)
+    assert json.loads(CliRunner().invoke(cli, [*base, "--max-time", "1.5", "--dry-run"]).output)[
+        "training"]["max_time"] == 90.0  # a bare number is minutes
+    bad = CliRunner().invoke(cli, [*base, "--max-time", "soon"])
+    assert bad.exit_code == 2 and "--max-time" in bad.output
+    done = CliRunner().invoke(cli, [*base, "--resume", "--max-steps", "3", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    assert "no checkpoint" in done.output and "trained 3 steps" in done.output

@@ -141,6 +141,7 @@ class TrainResult:
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
     out_of_time: bool = False  # stopped by ``max_time``; ``resume`` continues the run
+    best_step: int | None = None  # the step of the best validation (the model in ``run_dir/model``)
 
 
 def learning_rate(step: int, planned_steps: int, config: TrainConfig) -> float:
@@ -241,7 +242,7 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
     model = model.to(device)
     ema = [p.detach().clone() for p in model.parameters()] if config.ema_decay else None
     optimizer = _make_optimizer(model, config)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "bad_evals": 0,
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0,
              "stopped_early": False}
     if resume:
         state, streams = load_checkpoint(checkpoint_dir, model, ema, optimizer, world.rank)
@@ -324,7 +325,7 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
                           "lr": optimizer.param_groups[0]["lr"], "seconds": round(now - started, 3)}
                 history.append(record)
                 if bar is not None:
-                    bar.set_postfix(_bar_values(model, last_train_loss, state), refresh=False)
+                    bar.set_postfix(_bar_values(model, last_train_loss, state, history), refresh=False)
                 if is_main:
                     append_jsonl(run_dir / "metrics.jsonl", record)
                 timed_checkpoint, out_of_time = dist.any_across([
@@ -334,7 +335,7 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
             if state["step"] % eval_every == 0 or end_of_run:
                 validate_and_keep_best(model, ema, val_corpus, config, state, run_dir, history, is_main, world)
                 if bar is not None:
-                    bar.set_postfix(_bar_values(model, last_train_loss, state))
+                    bar.set_postfix(_bar_values(model, last_train_loss, state, history))
             if state["batch_in_epoch"] >= steps_per_epoch:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
@@ -355,7 +356,8 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
     dist.teardown(world)
     return TrainResult(run_dir=run_dir, steps=state["step"], epochs_completed=state["epoch"],
                        best_val_loss=state["best_val_loss"], last_train_loss=last_train_loss,
-                       stopped_early=state["stopped_early"], history=history, out_of_time=out_of_time)
+                       stopped_early=state["stopped_early"], history=history, out_of_time=out_of_time,
+                       best_step=state.get("best_step"))
 
 
 def _restore_streams(streams: dict[str, torch.Tensor], generator: torch.Generator) -> None:
@@ -367,10 +369,14 @@ def _restore_streams(streams: dict[str, torch.Tensor], generator: torch.Generato
         torch.cuda.set_rng_state(streams["torch_cuda"], generator.device)
 
 
-def _bar_values(model: GenerativeModel, train_loss: float | None, state: dict[str, Any]) -> dict[str, str]:
+def _bar_values(model: GenerativeModel, train_loss: float | None, state: dict[str, Any],
+                history: list[dict[str, Any]]) -> dict[str, str]:
+    """Training loss, the last validation value (HALO: NLL per code) and the best one."""
     values = {} if train_loss is None else {"loss": f"{train_loss:.4f}"}
-    if state["best_val_loss"] is not None:
-        values[f"best val/{model.validation_unit}"] = f"{state['best_val_loss']:.4f}"
+    last = next((r["val_loss"] for r in reversed(history) if r.get("val_loss") is not None), None)
+    if last is not None:
+        values[f"val/{model.validation_unit}"] = f"{last:.4f}"
+        values["best"] = f"{state['best_val_loss']:.4f}"
     return values
 
 

@@ -55,6 +55,7 @@ def validate_and_keep_best(model, ema, val_corpus, config, state, run_dir, histo
         improved = val_loss is None or state["best_val_loss"] is None or val_loss < state["best_val_loss"]
         if improved:
             state["best_val_loss"] = val_loss
+            state["best_step"] = state["step"]
             state["bad_evals"] = 0
             if is_main:
                 save_model(model, run_dir / "model")
