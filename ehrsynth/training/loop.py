@@ -45,6 +45,7 @@ from ehrsynth.training import distributed as dist
 from ehrsynth.training.checkpoint import cut_metrics, latest_step, load_checkpoint, save_checkpoint
 from ehrsynth.training.validation import append_jsonl, evaluate_loss, to_device, validate_and_keep_best
 
+MIN_EVAL_EVERY = 100  # default validation interval in steps, when an epoch is shorter
 _clock = time.monotonic  # the loop's clock for time-based checkpoints and --max-time (tests replace it)
 
 
@@ -68,7 +69,9 @@ class TrainConfig:
             ones saved as the model. The decay ramps up as min(ema_decay, (1 + t) / (10 + t)) at step t, so a
             short run is not dominated by its initial weights. None disables it.
         grad_clip: clip the global gradient norm to this value; None disables clipping.
-        eval_every: validate every this many steps; None means once per epoch (so it always fires).
+        eval_every: validate every this many steps; None means once per epoch, or every 100 steps when epochs
+            are shorter (a small corpus at a large batch has epochs of a step or two: validating each would
+            cost more than training and make ``patience`` count steps). The end of a run always validates.
         patience: stop after this many validations in a row without a new best validation value; None disables
             early stopping.
         checkpoint_every: write the resumable checkpoint every this many steps (and always at the end).
@@ -270,7 +273,7 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
     planned = steps_per_epoch * config.max_epochs
     if config.max_steps is not None:
         planned = min(planned, config.max_steps)
-    eval_every = config.eval_every or steps_per_epoch
+    eval_every = config.eval_every or max(steps_per_epoch, MIN_EVAL_EVERY)
     use_amp = device.type == "cuda"
     history: list[dict[str, Any]] = []
     running = torch.zeros((), device=device)
