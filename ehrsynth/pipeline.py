@@ -360,10 +360,12 @@ def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: i
     run = out / "run"
     if run.exists():
         shutil.rmtree(run)
-    say(f"[2/5] training {family} (small config, {settings['training']['max_steps']} steps)")
+    say(f"[2/5] training {family} (small config, up to {settings['training']['max_steps']} steps, early stopping)")
     result = train_model(family, corpus, run, model_options=settings["model"],
                          training_options={**settings["training"], "seed": seed}, progress=progress)
-    say(f"      best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else "")
+    unit = model_class(family).validation_unit
+    say(f"      best validation loss {result.best_val_loss:.4f} per {unit} at step {result.best_step} of "
+        f"{result.steps}" if result.best_val_loss is not None else "")
     say(f"[3/5] generating {train_part.n_patients:,} synthetic patients")
     synthetic = generate_corpus(run, train_part.n_patients, seed=seed, progress=progress)
     synthetic.save(out / "synthetic")
