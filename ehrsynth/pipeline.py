@@ -317,7 +317,9 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "halo": {
         "model": {**MODEL_PRESETS["halo"]["small"], "n_ctx": 48},
-        "training": {"batch_size": 32, "lr": 1e-3, "max_steps": 2000, "eval_every": 250, "checkpoint_every": 250,
+        # lr 2e-3 over 3000 steps: validation NLL 4.26 nats per code, flat over the last 500 steps (the former
+        # 1e-3 over 2000 steps stopped at 5.02, still falling)
+        "training": {"batch_size": 32, "lr": 2e-3, "max_steps": 3000, "eval_every": 250, "checkpoint_every": 250,
                      "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.1},
     },
     "ehrdiff": {

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -54,6 +55,8 @@ def _killed_run(family, corpus, run, k, where):
             pipeline.train = lambda *a, **kw: loop_train(*a, **kw, on_step=lambda s: s == k and where == "step"
                                                          and die())
             _train(family, corpus, run)
+        except BaseException:
+            traceback.print_exc()
         finally:
             os._exit(1)
     deadline = time.monotonic() + 120
@@ -83,11 +86,12 @@ def test_killed_runs_resume_to_bit_identical_weights(family, mimic3_corpus, tmp_
     _train(family, mimic3_corpus, straight)
     reference = load_file(str(straight / "checkpoint" / "state.safetensors"))
     best = load_file(str(straight / "model" / "model.safetensors"))
-    rng = np.random.default_rng(len(family))  # seeded kill points: one before the first checkpoint, one after
-    kills = [(int(rng.integers(1, EVERY)), "step"), (int(rng.integers(EVERY + 1, STEPS)), "step"),
-             (EVERY if family == "halo" else 2 * EVERY, "save")]
-    for k, where in kills:
-        run = tmp_path / f"killed-{where}-{k}"
+    kills = [(EVERY if family == "halo" else 2 * EVERY, "save")]
+    for seed in (0, 1):  # seeded random kill points: for each seed one before the first checkpoint, one after
+        rng = np.random.default_rng([seed, len(family)])
+        kills += [(int(rng.integers(1, EVERY)), "step"), (int(rng.integers(EVERY + 1, STEPS)), "step")]
+    for i, (k, where) in enumerate(kills):
+        run = tmp_path / f"killed-{i}-{where}-{k}"
         status = _killed_run(family, mimic3_corpus, run, k, where)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (k, where, status)
         result = _train(family, mimic3_corpus, run, resume=True)
