@@ -201,6 +201,14 @@ def format_description(summary: dict) -> str:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Override training.max_steps.")
 @click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="Override training.max_epochs.")
+@click.option("--max-time", default=None, metavar="DURATION", callback=lambda ctx, param, value: _duration(value),
+              help="Wall-clock budget of this invocation, e.g. 90s, 45m, 2h (a bare number is minutes): the run "
+                   "then validates, checkpoints and stops; --resume continues it.")
+@click.option("--patience", type=click.IntRange(min=0), default=None,
+              help="Stop after this many validations without a better validation likelihood (default 10; 0: "
+                   "never stop early).")
+@click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Also checkpoint when this many minutes passed since the last checkpoint (default 10).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override training.batch_size.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override training.lr.")
 @click.option("--seed", type=int, default=None, help="Override training.seed.")
@@ -213,8 +221,8 @@ def format_description(summary: dict) -> str:
                    "(--config model options override it).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and exit.")
 @_overwrite_option("run directory")
-def train_command(model, data, out, config_file, resume, max_steps, max_epochs, batch_size, lr, seed, device,
-                  nproc, preset, dry_run, overwrite) -> None:
+def train_command(model, data, out, config_file, resume, max_steps, max_epochs, max_time, patience,
+                  checkpoint_minutes, batch_size, lr, seed, device, nproc, preset, dry_run, overwrite) -> None:
     """Train MODEL (halo or ehrdiff) on a corpus; the best model lands in OUT/model."""
     from ehrsynth.outputs import check_output, remove_output
     from ehrsynth.pipeline import MODEL_PRESETS, RUN_HINT, read_config_file, train_model
@@ -222,8 +230,10 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
     sections = read_config_file(config_file)
     sections["model"] = {**MODEL_PRESETS[model][preset], **sections["model"]}
     overrides = {"max_steps": max_steps, "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
-                 "seed": seed, "device": device}
+                 "seed": seed, "device": device, "max_time": max_time, "checkpoint_minutes": checkpoint_minutes}
     sections["training"].update({k: v for k, v in overrides.items() if v is not None})
+    if patience is not None:
+        sections["training"]["patience"] = patience or None
     if dry_run:
         from ehrsynth.models import model_class
 
@@ -243,7 +253,25 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
     if int(os.environ.get("RANK", 0)) != 0:
         return  # under torchrun only rank 0 reports
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
-    click.echo(f"trained {result.steps} steps; best validation loss {best}; model in {out / 'model'}")
+    why = (" (early stop)" if result.stopped_early else
+           " (time budget used; --resume continues)" if result.out_of_time else "")
+    at = "" if result.best_step is None else f" (step {result.best_step})"
+    click.echo(f"trained {result.steps} steps{why}; best validation loss {best}{at}; model in {out / 'model'}")
+
+
+def _duration(value: str | None) -> float | None:
+    """'90s', '45m', '2h' or a bare number of minutes -> seconds."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    try:
+        seconds = float(text[:-1] if scale else text) * (scale or 60)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise click.BadParameter(f"expected a positive duration such as 90s, 45m or 2h, got {value!r}")
+    return seconds
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:

@@ -264,4 +264,4 @@ def test_model_from_meta_without_extra_and_train_defaults():
     assert model.gap_days == bin_values(TINY.gap_bin_edges)
     defaults = HaloModel.default_train_config()
     assert (defaults["optimizer"], defaults["lr"], defaults["batch_size"], defaults["max_epochs"]) == \
-        ("adam", 1e-4, 48, 50)
+        ("adam", 1e-4, 48, 400)

@@ -7,7 +7,11 @@ A model is an ``nn.Module`` subclass of :class:`GenerativeModel` that
   the vocabulary, the label names, and model-specific JSON-able facts such as gap bins or sigma_data);
 * turns a batch of corpus patients into tensors (:meth:`GenerativeModel.collate`, vectorised, CPU tensors, plus
   host ints for data-dependent sizes, so the training step never reads a value back from the device);
-* returns the scalar training loss from ``forward(batch)`` (so DDP can wrap it unchanged);
+* returns the scalar training loss from ``forward(batch)`` (so DDP can wrap it unchanged), drawing any noise
+  from ``batch["generator"]`` (a ``torch.Generator`` on the model's device that the training loop adds), never
+  from torch's global random stream;
+* scores held-out patients with :meth:`GenerativeModel.validation_loss`, the criterion of validation, early
+  stopping and best-model choice;
 * generates a :class:`~ehrsynth.data.corpus.PatientCorpus` from a seed (:meth:`GenerativeModel.generate`).
 """
 
@@ -56,6 +60,7 @@ class GenerativeModel(nn.Module):
 
     family: ClassVar[str] = ""
     config_class: ClassVar[type] = object
+    validation_unit: ClassVar[str] = "patient"  # what validation_loss counts (shown by the progress bar)
 
     def __init__(self, config: Any, meta: CorpusMeta) -> None:
         super().__init__()
@@ -75,6 +80,18 @@ class GenerativeModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: D401
         """The scalar mean training loss of a batch."""
         raise NotImplementedError
+
+    def validation_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed negative log-likelihood, or loss, over the batch's scored units; the number of units).
+
+        The loop sums both over the validation batches and divides, so the criterion is a mean per unit. This
+        default is ``forward``'s mean loss per patient (``batch["n_patients"]``, added by the loop), with noise
+        from ``batch["generator"]``, which the loop seeds afresh at each validation: a noisy loss (EHRDiff's
+        EDM loss) is then evaluated at the same noise levels and noise every time. A model with an exact
+        likelihood overrides it (HALO: nats per code).
+        """
+        n = batch["n_patients"]
+        return self(batch) * n, torch.tensor(float(n))
 
     def generate(
         self,

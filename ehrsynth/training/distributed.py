@@ -55,14 +55,28 @@ def mean_across(value: torch.Tensor, world: World) -> float:
     return float(value)
 
 
-def gather_rng_states(world: World) -> list[torch.Tensor]:
-    """Every process's CPU RNG state, in rank order (a collective: all ranks must call it)."""
-    state = torch.get_rng_state()
+def gather_rng_states(world: World, generator: torch.Generator) -> list[dict[str, torch.Tensor]]:
+    """Every process's random streams, in rank order (a collective: all ranks must call it): torch's global CPU
+    stream, the loop's ``generator``, and the global stream of the process's GPU when it trains on one."""
+    state = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
+    if generator.device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state(generator.device)
     if world.size == 1:
         return [state]
-    states: list[torch.Tensor | None] = [None] * world.size
+    states: list[dict[str, torch.Tensor] | None] = [None] * world.size
     torch_dist.all_gather_object(states, state)
     return [s for s in states if s is not None]
+
+
+def any_across(flags: list[bool], world: World) -> list[bool]:
+    """Each flag true on any process (a collective): decisions taken from a clock must agree on every rank."""
+    if world.size == 1:
+        return list(flags)
+    values = torch.tensor([float(f) for f in flags])
+    if torch_dist.get_backend() == "nccl":
+        values = values.cuda()
+    torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def barrier(world: World) -> None:

@@ -3,8 +3,15 @@
 A model only has to meet :class:`~ehrsynth.models.base.GenerativeModel`: ``collate(corpus, patients)`` makes a
 batch and ``forward(batch)`` returns its mean loss. The loop owns everything else: seeded epoch order,
 optimizer and learning-rate schedule, EMA, validation on a schedule that always fires, best-model keeping,
-early stopping, gradient clipping, bf16 autocast on CUDA, DDP under ``torchrun``, a tqdm bar, a JSON-lines
-metrics log, and atomic checkpoints that let ``resume=True`` continue exactly where a killed run stopped.
+early stopping, a wall-time budget, gradient clipping, bf16 autocast on CUDA, DDP under ``torchrun``, a tqdm
+bar, a JSON-lines metrics log, and atomic checkpoints (on a step and a time schedule) that let ``resume=True``
+continue exactly where a killed run stopped.
+
+Validation, early stopping and the best model use :meth:`GenerativeModel.validation_loss`: HALO's exact
+negative log-likelihood per code, EHRDiff's EDM loss at fixed seeded noise. Randomness comes from a
+``torch.Generator`` per process that the loop passes in ``batch["generator"]`` and saves in its checkpoints;
+torch's global stream, which module dropout still reads, is forked and seeded inside :func:`train`, so a
+caller's own stream is never drawn from.
 
 Run directory layout::
 
@@ -19,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,14 +35,18 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from ehrsynth.data.corpus import PatientCorpus, replace_directory
+from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError, InputError
 from ehrsynth.models.base import GenerativeModel
-from ehrsynth.models.io import atomic_save_tensors, atomic_write_text, config_to_dict, save_model
+from ehrsynth.models.io import atomic_write_text, config_to_dict
 from ehrsynth.training import distributed as dist
+from ehrsynth.training.checkpoint import cut_metrics, latest_step, load_checkpoint, save_checkpoint
+from ehrsynth.training.validation import append_jsonl, evaluate_loss, to_device, validate_and_keep_best
+
+MIN_EVAL_EVERY = 100  # default validation interval in steps, when an epoch is shorter
+_clock = time.monotonic  # the loop's clock for time-based checkpoints and --max-time (tests replace it)
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,8 @@ class TrainConfig:
         lr: peak learning rate.
         weight_decay: decoupled weight decay (adamw) or L2 (adam).
         batch_size: global batch size (split across processes under torchrun).
-        max_epochs: upper bound on passes over the training patients.
+        max_epochs: upper bound on passes over the training patients: a generous cap, early stopping is what
+            normally ends a run.
         max_steps: upper bound on optimizer steps (None: only epochs bound the run).
         lr_schedule: ``'constant'`` or ``'cosine'`` (decays to ``min_lr_ratio * lr``).
         warmup_fraction: linear warm-up over this share of the planned steps -- scaled to the run, unlike the
@@ -57,9 +69,16 @@ class TrainConfig:
             ones saved as the model. The decay ramps up as min(ema_decay, (1 + t) / (10 + t)) at step t, so a
             short run is not dominated by its initial weights. None disables it.
         grad_clip: clip the global gradient norm to this value; None disables clipping.
-        eval_every: validate every this many steps; None means once per epoch (so it always fires).
-        patience: stop after this many validations without improvement; None disables early stopping.
+        eval_every: validate every this many steps; None means once per epoch, or every 100 steps when epochs
+            are shorter (a small corpus at a large batch has epochs of a step or two: validating each would
+            cost more than training and make ``patience`` count steps). The end of a run always validates.
+        patience: stop after this many validations in a row without a new best validation value; None disables
+            early stopping.
         checkpoint_every: write the resumable checkpoint every this many steps (and always at the end).
+        checkpoint_minutes: also write it when this many minutes passed since the last one, so a kill loses at
+            most that much work; None: steps only. Checked at log steps.
+        max_time: wall-clock budget of this invocation in seconds: at the first log step past it the run
+            validates, checkpoints and stops; ``resume`` continues it. None: no budget.
         log_every: log the running training loss every this many steps.
         seed: seed of the epoch order, initialisation and any noise the model draws.
         device: ``'auto'`` (CUDA when available), ``'cpu'`` or ``'cuda'``.
@@ -70,7 +89,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 48
-    max_epochs: int = 50
+    max_epochs: int = 400
     max_steps: int | None = None
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_fraction: float = 0.0
@@ -78,8 +97,10 @@ class TrainConfig:
     ema_decay: float | None = None
     grad_clip: float | None = None
     eval_every: int | None = None
-    patience: int | None = None
+    patience: int | None = 10
     checkpoint_every: int = 200
+    checkpoint_minutes: float | None = 10.0
+    max_time: float | None = None
     log_every: int = 10
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -100,6 +121,9 @@ class TrainConfig:
             (self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1", self.eval_every),
             (self.patience is None or self.patience >= 1, "patience must be >= 1", self.patience),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1", self.checkpoint_every),
+            (self.checkpoint_minutes is None or self.checkpoint_minutes > 0, "checkpoint_minutes must be > 0",
+             self.checkpoint_minutes),
+            (self.max_time is None or self.max_time > 0, "max_time must be > 0 seconds", self.max_time),
             (self.log_every >= 1, "log_every must be >= 1", self.log_every),
             (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'", self.device),
         ]
@@ -119,6 +143,8 @@ class TrainResult:
     last_train_loss: float | None
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    out_of_time: bool = False  # stopped by ``max_time``; ``resume`` continues the run
+    best_step: int | None = None  # the step of the best validation (the model in ``run_dir/model``)
 
 
 def learning_rate(step: int, planned_steps: int, config: TrainConfig) -> float:
@@ -175,74 +201,101 @@ def train(
         config: optimisation settings.
         run_dir: the run directory (created). Without ``resume`` an existing checkpoint there is an error,
             never silently reused.
-        resume: continue from ``run_dir/checkpoint``.
-        progress: show a progress bar (rank 0 only).
+        resume: continue from ``run_dir/checkpoint``; when there is none yet (a kill before the first one) the
+            run starts from step 0 with a one-line notice. ``metrics.jsonl`` is cut back to the checkpoint.
+        progress: show a progress bar (rank 0 only) with the training loss and the last validation value.
         on_step: called with the step number after each optimizer step (for callers' own hooks).
 
     Returns:
         A :class:`TrainResult`; the best model is in ``run_dir/model``.
 
     Raises:
-        ConfigError: for a checkpoint in the way (without ``resume``) or none to resume from.
+        ConfigError: for a checkpoint in the way (without ``resume``).
     """
     run_dir = Path(run_dir)
     checkpoint_dir = run_dir / "checkpoint"
     if checkpoint_dir.exists() and not resume:
         raise ConfigError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose "
                           f"another --out")
-    if resume and not checkpoint_dir.exists():
-        raise ConfigError(f"--resume given but {checkpoint_dir} does not exist")
     if train_corpus.n_patients == 0:
         raise InputError("the training corpus has no patients")
-    train_view = CorpusView.of(train_corpus)
-
     world = dist.setup()
-    is_main = world.rank == 0
+    if resume and not checkpoint_dir.exists():
+        if world.rank == 0:
+            print(f"no checkpoint in {run_dir} yet: starting from step 0", file=sys.stderr)
+        resume = False
     device = _device(config)
-    torch.manual_seed(config.seed + world.rank)  # each process draws its own noise (EHRDiff sigmas, dropout)
+    seed = rank_seed(config.seed, world.rank)  # each process draws its own noise (EHRDiff sigmas, dropout)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # module dropout reads the global stream: forked, so the caller's is untouched
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        return _train(model, CorpusView.of(train_corpus), val_corpus, config, run_dir, resume, progress, on_step,
+                      world, device, generator)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s random streams: distinct for every (seed, rank)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_step, world, device, generator):
+    is_main = world.rank == 0
+    checkpoint_dir = run_dir / "checkpoint"
     model = model.to(device)
     ema = [p.detach().clone() for p in model.parameters()] if config.ema_decay else None
     optimizer = _make_optimizer(model, config)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "bad_evals": 0,
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0,
              "stopped_early": False}
     if resume:
-        state = _load_checkpoint(checkpoint_dir, model, ema, optimizer, device)
+        state, streams = load_checkpoint(checkpoint_dir, model, ema, optimizer, world.rank)
+        _restore_streams(streams, generator)
+        if is_main:
+            cut_metrics(run_dir / "metrics.jsonl", state["step"])
     elif is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"family": model.family, "model": config_to_dict(model.config), "training": asdict(config),
-                    "train_patients": train_corpus.n_patients,
+                    "train_patients": train_view.n_patients,
                     "val_patients": 0 if val_corpus is None else val_corpus.n_patients}
         atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2))
+        cut_metrics(run_dir / "metrics.jsonl", -1)  # a fresh start: nothing of a killed earlier attempt stays
+    if is_main:  # staging folders of checkpoints a kill interrupted
+        for stale in run_dir.glob(".checkpoint.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier(world)
     wrapped = dist.wrap(model, device)
     if config.compile:
         wrapped = torch.compile(wrapped)
 
+    n_patients = train_view.n_patients
     local_batch = max(1, config.batch_size // world.size)
-    steps_per_epoch = math.ceil(train_corpus.n_patients / config.batch_size)
+    steps_per_epoch = math.ceil(n_patients / config.batch_size)
     planned = steps_per_epoch * config.max_epochs
     if config.max_steps is not None:
         planned = min(planned, config.max_steps)
-    eval_every = config.eval_every or steps_per_epoch
+    eval_every = config.eval_every or max(steps_per_epoch, MIN_EVAL_EVERY)
     use_amp = device.type == "cuda"
     history: list[dict[str, Any]] = []
     running = torch.zeros((), device=device)
     running_count = 0
     last_train_loss = None
     bar = _progress_bar(planned, state["step"], progress and is_main)
-    started = time.perf_counter()
+    started = last_checkpoint = _clock()
+    out_of_time = False
 
     model.train()
-    while state["step"] < planned and not state["stopped_early"]:
-        order = epoch_order(train_corpus.n_patients, state["epoch"], config.seed)
+    while state["step"] < planned and not state["stopped_early"] and not out_of_time:
+        order = epoch_order(n_patients, state["epoch"], config.seed)
         while (state["batch_in_epoch"] < steps_per_epoch and state["step"] < planned
-               and not state["stopped_early"]):
+               and not state["stopped_early"] and not out_of_time):
             start = state["batch_in_epoch"] * config.batch_size
             global_batch = order[start:start + config.batch_size]
             # each process takes an interleaved share of the global batch (DistributedSampler style)
             patients = global_batch[world.rank::world.size][:local_batch]
             if len(patients) == 0:  # a final batch smaller than the world: every rank must still step
                 patients = global_batch[-1:]
-            batch = _to_device(model.collate(train_view.corpus, train_view.patients[patients]), device)
+            batch = to_device(model.collate(train_view.corpus, train_view.patients[patients]), device)
+            batch["generator"] = generator
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(state["step"], planned, config)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -265,104 +318,69 @@ def train(
                 on_step(state["step"])
 
             end_of_run = state["step"] >= planned
+            timed_checkpoint = False
             if state["step"] % config.log_every == 0 or end_of_run:
                 last_train_loss = dist.mean_across(running, world) / running_count  # the only host sync
                 running.zero_()
                 running_count = 0
+                now = _clock()
                 record = {"step": state["step"], "epoch": state["epoch"], "train_loss": round(last_train_loss, 6),
-                          "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 3)}
+                          "lr": optimizer.param_groups[0]["lr"], "seconds": round(now - started, 3)}
                 history.append(record)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last_train_loss:.4f}")
+                    bar.set_postfix(_bar_values(model, last_train_loss, state, history), refresh=False)
                 if is_main:
-                    _append_jsonl(run_dir / "metrics.jsonl", record)
+                    append_jsonl(run_dir / "metrics.jsonl", record)
+                timed_checkpoint, out_of_time = dist.any_across([
+                    config.checkpoint_minutes is not None and now - last_checkpoint >= 60 * config.checkpoint_minutes,
+                    config.max_time is not None and now - started >= config.max_time], world)
+                end_of_run = end_of_run or out_of_time
             if state["step"] % eval_every == 0 or end_of_run:
-                _validate_and_keep_best(model, ema, val_corpus, config, state, run_dir, history, is_main, world)
+                validate_and_keep_best(model, ema, val_corpus, config, state, run_dir, history, is_main, world)
+                if bar is not None:
+                    bar.set_postfix(_bar_values(model, last_train_loss, state, history))
             if state["batch_in_epoch"] >= steps_per_epoch:
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
-            if state["step"] % config.checkpoint_every == 0 or end_of_run or state["stopped_early"]:
-                rng_states = dist.gather_rng_states(world)
+            if (state["step"] % config.checkpoint_every == 0 or end_of_run or state["stopped_early"]
+                    or timed_checkpoint):
+                rng_states = dist.gather_rng_states(world, generator)
                 if is_main:
-                    _save_checkpoint(checkpoint_dir, model, ema, optimizer, state, rng_states)
+                    save_checkpoint(checkpoint_dir, model, ema, optimizer, state, rng_states)
                 dist.barrier(world)
+                last_checkpoint = _clock()
             if state["batch_in_epoch"] == 0:
                 break  # new epoch: new order
     if bar is not None:
         bar.close()
+    if out_of_time and is_main:
+        print(f"time budget of {config.max_time:g} s used: stopped at step {state['step']}; the best model so far is "
+              f"in {run_dir / 'model'}; resume to continue", file=sys.stderr)
     dist.teardown(world)
     return TrainResult(run_dir=run_dir, steps=state["step"], epochs_completed=state["epoch"],
                        best_val_loss=state["best_val_loss"], last_train_loss=last_train_loss,
-                       stopped_early=state["stopped_early"], history=history)
+                       stopped_early=state["stopped_early"], history=history, out_of_time=out_of_time,
+                       best_step=state.get("best_step"))
 
 
-@torch.no_grad()
-def evaluate_loss(model: GenerativeModel, corpus: PatientCorpus | CorpusView, *, batch_size: int,
-                  seed: int = 0) -> float:
-    """Mean loss over every patient of ``corpus``, patient-weighted, with fixed noise for noisy losses."""
-    view = CorpusView.of(corpus)
-    was_training = model.training
-    model.eval()
-    device = model.device
-    total, count = 0.0, 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for start in range(0, view.n_patients, batch_size):
-            patients = view.patients[start:start + batch_size]
-            loss = model(_to_device(model.collate(view.corpus, patients), device))
-            total += float(loss) * len(patients)
-            count += len(patients)
-    model.train(was_training)
-    return total / max(count, 1)
+def _restore_streams(streams: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    if "torch_cpu" in streams:
+        torch.set_rng_state(streams["torch_cpu"])
+    if "generator" in streams:  # absent from checkpoints older than the loop's generator: it stays seeded
+        generator.set_state(streams["generator"])
+    if "torch_cuda" in streams and generator.device.type == "cuda":
+        torch.cuda.set_rng_state(streams["torch_cuda"], generator.device)
 
 
-def _validate_and_keep_best(model, ema, val_corpus, config, state, run_dir, history, is_main, world):
-    with _swapped_in(model, ema):
-        if val_corpus is not None and val_corpus.n_patients > 0:
-            val_loss = evaluate_loss(model, val_corpus, batch_size=config.batch_size, seed=config.seed)
-        else:
-            val_loss = None
-        improved = val_loss is None or state["best_val_loss"] is None or val_loss < state["best_val_loss"]
-        if improved:
-            state["best_val_loss"] = val_loss
-            state["bad_evals"] = 0
-            if is_main:
-                save_model(model, run_dir / "model")
-        else:
-            state["bad_evals"] += 1
-            if config.patience is not None and state["bad_evals"] >= config.patience:
-                state["stopped_early"] = True
-    record = {"step": state["step"], "val_loss": None if val_loss is None else round(val_loss, 6),
-              "best_val_loss": state["best_val_loss"], "improved": improved}
-    history.append(record)
-    if is_main:
-        _append_jsonl(run_dir / "metrics.jsonl", record)
-    dist.barrier(world)
-
-
-class _swapped_in:
-    """Temporarily load the EMA weights into the model (validation and saving use them)."""
-
-    def __init__(self, model: torch.nn.Module, ema: list[torch.Tensor] | None) -> None:
-        self.model, self.ema = model, ema
-
-    def __enter__(self) -> None:
-        if self.ema is not None:
-            self.saved = [p.detach().clone() for p in self.model.parameters()]
-            with torch.no_grad():
-                torch._foreach_copy_(list(self.model.parameters()), self.ema)
-
-    def __exit__(self, *exc) -> None:
-        if self.ema is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(list(self.model.parameters()), self.saved)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors go to ``device`` through pinned memory (an asynchronous copy); host values such as sizes stay."""
-    if device.type == "cpu":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _bar_values(model: GenerativeModel, train_loss: float | None, state: dict[str, Any],
+                history: list[dict[str, Any]]) -> dict[str, str]:
+    """Training loss, the last validation value (HALO: NLL per code) and the best one."""
+    values = {} if train_loss is None else {"loss": f"{train_loss:.4f}"}
+    last = next((r["val_loss"] for r in reversed(history) if r.get("val_loss") is not None), None)
+    if last is not None:
+        values[f"val/{model.validation_unit}"] = f"{last:.4f}"
+        values["best"] = f"{state['best_val_loss']:.4f}"
+    return values
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -373,63 +391,7 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------------------
-def _save_checkpoint(directory: Path, model, ema, optimizer, state, rng_states) -> None:
-    """Write weights, EMA, optimizer tensors, RNG and loop state into a staging dir, then rename it in."""
-    staging = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=directory.parent))
-    try:
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        if ema is not None:
-            tensors.update({f"ema.{i}": t for i, t in enumerate(ema)})
-        opt_state = optimizer.state_dict()
-        for index, slots in opt_state["state"].items():
-            for name, value in slots.items():
-                tensors[f"opt.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        for rank, rng in enumerate(rng_states):  # one stream per process, so a resumed DDP run is exact
-            tensors[f"rng.torch_cpu.{rank}"] = rng
-        if torch.cuda.is_available():
-            tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
-        atomic_save_tensors(tensors, staging / "state.safetensors")
-        loop_state = dict(state, param_groups=opt_state["param_groups"])
-        (staging / "loop.json").write_text(json.dumps(loop_state, indent=2))
-        replace_directory(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _load_checkpoint(directory: Path, model, ema, optimizer, device) -> dict[str, Any]:
-    try:
-        tensors = load_file(str(directory / "state.safetensors"))
-        loop_state = json.loads((directory / "loop.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read checkpoint: {exc}", file=directory) from None
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    if ema is not None:
-        for i, t in enumerate(ema):
-            t.copy_(tensors[f"ema.{i}"])
-    opt_state: dict[str, Any] = {"state": {}, "param_groups": loop_state.pop("param_groups")}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, index, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(opt_state)
-    rank = dist.World().rank if not torch.distributed.is_initialized() else torch.distributed.get_rank()
-    torch.set_rng_state(tensors.get(f"rng.torch_cpu.{rank}", tensors["rng.torch_cpu.0"]))
-    if "rng.torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
-    return loop_state
-
-
-def latest_step(run_dir: str | Path) -> int | None:
-    """The step of the run's last checkpoint, or None if there is none."""
-    path = Path(run_dir) / "checkpoint" / "loop.json"
-    return json.loads(path.read_text())["step"] if path.is_file() else None
-
-
-__all__ = ["TrainConfig", "TrainResult", "evaluate_loss", "learning_rate", "epoch_order", "train", "latest_step"]
+__all__ = ["TrainConfig", "TrainResult", "evaluate_loss", "learning_rate", "epoch_order", "train", "latest_step",
+           "rank_seed"]

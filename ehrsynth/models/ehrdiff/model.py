@@ -201,16 +201,24 @@ class EHRDiffModel(GenerativeModel):
         return batch
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The mean EDM loss of a batch (label dropout applies in training mode)."""
+        """The mean EDM loss of a batch (label dropout applies in training mode). Noise levels, noise and label
+        dropout are drawn from ``batch["generator"]`` (the loop's); without one, from a generator seeded 0."""
+        x = batch["x"]
+        generator = batch.get("generator")
+        if generator is None:
+            generator = torch.Generator(device=x.device).manual_seed(0)
         label = batch.get("label") if self.attributes else None
         if label is not None and self.training and self.config.label_dropout > 0:
-            label = self._drop_labels(label)
-        return self.loss(self.denoiser, batch["x"], label).mean()
+            label = self._drop_labels(label, generator)
+        sigma = (torch.randn(x.shape[0], device=x.device, generator=generator) * self.loss.p_std
+                 + self.loss.p_mean).exp()  # EDM: ln(sigma) ~ N(p_mean, p_std^2)
+        noise = torch.randn(x.shape, device=x.device, generator=generator)
+        return self.loss(self.denoiser, x, label, sigma=sigma, noise=noise).mean()
 
-    def _drop_labels(self, label: torch.Tensor) -> torch.Tensor:
+    def _drop_labels(self, label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         p = self.config.label_dropout
-        drop_all = torch.rand(label.shape[0], 1, device=label.device) < p  # the unconditional model
-        drop_each = torch.rand(label.shape, device=label.device) < p  # partial conditions
+        drop_all = torch.rand(label.shape[0], 1, device=label.device, generator=generator) < p  # unconditional
+        drop_each = torch.rand(label.shape, device=label.device, generator=generator) < p  # partial conditions
         return torch.where(drop_all | drop_each, torch.full_like(label, MLPDenoiser.NULL), label)
 
     def _corpus_labels(self, corpus: PatientCorpus, patients: np.ndarray) -> np.ndarray:
