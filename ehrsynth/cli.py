@@ -60,6 +60,11 @@ def cli(threads: int | None) -> None:
               help="Code tables to read (repeatable). mimic3/mimic4: diagnoses, procedures, prescriptions; "
                    "omop: condition, drug, procedure; synthea: conditions, medications, procedures.")
 @click.option("--min-count", type=click.IntRange(min=1), default=1, help="Drop codes seen in fewer visits.")
+@click.option("--profile", type=click.Choice(["release", "research"]), default="release", show_default=True,
+              help="release: drop codes fewer than 11 training patients have (rare codes identify people); "
+                   "research: keep every training code, as the papers did.")
+@click.option("--min-patients", type=click.IntRange(min=1), default=None,
+              help="Drop codes seen in fewer distinct training patients (default: 11 for release, 1 for research).")
 @click.option("--systems", default=None, help="Comma-separated code systems to keep, e.g. ICD9CM,ICD9PROC.")
 @click.option("--icd9-rollup", is_flag=True, help="Roll ICD-9 codes up to 3 digits (4 for E-codes), as EHRDiff.")
 @click.option("--max-visits", type=click.IntRange(min=1), default=None, help="Cap on visits per patient.")
@@ -78,15 +83,16 @@ def cli(threads: int | None) -> None:
 @click.option("--code-system", default=None, help="long: system prefix for codes that carry none, e.g. ICD10CM.")
 @click.option("--visit-window-hours", type=float, default=None,
               help="meds: merge events within this many hours into one visit (default: same timestamp).")
-def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup, max_visits, keep_visits,
+def prepare(source, input_path, output, tables, min_count, profile, min_patients, systems, icd9_rollup, max_visits, keep_visits,
             max_codes_per_visit, empty, split_fractions, seed, patient_col, visit_col, code_col, time_col,
             code_system, visit_window_hours) -> None:
     """Read a source into a corpus directory (with a seeded train/val/test split)."""
-    from ehrsynth.data.build import BuildOptions
+    from ehrsynth.data.build import PROFILE_MIN_PATIENTS, BuildOptions
     from ehrsynth.data.readers import read_source
 
     options = BuildOptions(
         min_count=min_count,
+        min_patients=PROFILE_MIN_PATIENTS[profile] if min_patients is None else min_patients,
         systems=tuple(s.strip() for s in systems.split(",")) if systems else None,
         icd9_rollup=icd9_rollup,
         max_visits=max_visits,
@@ -100,6 +106,7 @@ def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup,
               "time": time_col, "code_system": code_system, "visit_window_hours": visit_window_hours}
     with _spinner(f"reading {source} from {input_path}"):
         corpus = read_source(source, input_path, options=options, **kwargs)
+        corpus.stats["profile"] = profile
         corpus.save(output)
     summary = corpus.describe()
     click.echo(f"wrote {output}: {summary['patients']} patients, {summary['visits']} visits, "
@@ -140,6 +147,16 @@ def format_description(summary: dict) -> str:
     dropped = {k: v for k, v in summary["build"].items() if isinstance(v, int) and k not in
                ("patients", "visits", "code_occurrences", "input_rows") and v}
     lines.append("dropped/merged      " + (", ".join(f"{k}: {v}" for k, v in dropped.items()) or "nothing"))
+    build = summary["build"]
+    if build.get("vocabulary_from") == "train":  # split-first corpus: what held-out/rare codes cost each part
+        lines.append(f"vocabulary from     training patients only (profile {build.get('profile', 'library')}, "
+                     f"min patients {build.get('options', {}).get('min_patients', 1)}); "
+                     f"{build.get('codes_only_outside_train', 0)} codes only in val/test dropped")
+        for what in ("visits", "patients"):
+            emptied = build.get(f"{what}_emptied_by_vocabulary", {})
+            lines.append(f"{what + ' emptied':<20}" + ", ".join(f"{k}: {v}" for k, v in emptied.items())
+                         + (" (kept as empty visits)" if build.get("options", {}).get("empty") == "keep"
+                            else " (dropped)"))
     return "\n".join(lines)
 
 

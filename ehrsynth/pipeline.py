@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ehrsynth.data.corpus import PatientCorpus, concat_corpora
+from ehrsynth.data.corpus import PatientCorpus, concat_corpora, held_out_only_codes
 from ehrsynth.data.stream import save_stream
 from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError, InputError
@@ -92,6 +92,10 @@ def train_model(
     train_part, val_part = CorpusView.part(corpus, "train"), CorpusView.part(corpus, "val")
     if train_part.n_patients == 0:
         raise InputError("the corpus has no training patients (check its split)")
+    outside = held_out_only_codes(corpus)
+    if len(outside):  # nothing held out may shape the model: its vocabulary is written into model.json
+        raise InputError(f"{len(outside)} vocabulary codes occur only in val/test patients (a corpus built "
+                         "before split-first, or re-split); re-run `ehrsynth prepare`")
     with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(train_config.seed)
         model = cls.from_corpus(train_part, config)
@@ -278,14 +282,17 @@ def evaluate_to(
     Returns:
         The report path and the headline rows.
     """
+    from ehrsynth.data.build import BuildOptions
     from ehrsynth.data.readers import read_source
     from ehrsynth.evaluation.report import evaluate, headline, write_report
 
+    # synthetic files are read whole: every record a training record, so split-first drops none of their codes
+    whole = BuildOptions(split=(1.0, 0.0, 0.0))
     train = train if isinstance(train, PatientCorpus) else load_corpus_part(train, "train")
     test = test if isinstance(test, PatientCorpus) else load_corpus_part(test, "test")
     if not isinstance(synthetic, PatientCorpus):
         synthetic = (PatientCorpus.load(synthetic) if synthetic_source == "corpus"
-                     else read_source(synthetic_source, synthetic))
+                     else read_source(synthetic_source, synthetic, options=whole))
     flattened = bool(synthetic.n_visits == synthetic.n_patients and train.n_visits > train.n_patients)
     if flattened:  # a patient-level generator (EHRDiff): compare it with patient-level real data
         train, test = train.flatten_visits(), test.flatten_visits()

@@ -193,8 +193,13 @@ class PatientCorpus:
         return self.subset(self.part_indices(name))
 
     def with_split(self, fractions: tuple[float, float, float] = (0.72, 0.08, 0.2), *, seed: int = 0) -> PatientCorpus:
-        """Assign a seeded train/val/test split by patient (HALO's default 72/8/20)."""
-        return replace(self, split=random_split(self.n_patients, fractions, seed=seed), stats=dict(self.stats))
+        """Assign a seeded train/val/test split by patient (HALO's default 72/8/20).
+
+        The vocabulary is kept, so it may now hold codes that only val/test patients have: training refuses
+        such a corpus (:func:`held_out_only_codes`); re-split with ``prepare --split/--seed`` instead.
+        """
+        stats = {k: v for k, v in self.stats.items() if k != "vocabulary_from"}
+        return replace(self, split=random_split(self.n_patients, fractions, seed=seed), stats=stats)
 
     def flatten_visits(self) -> PatientCorpus:
         """One visit per patient holding every code the patient ever had (the view EHRDiff models).
@@ -371,6 +376,21 @@ def replace_directory(staging: Path, target: Path) -> None:
         os.replace(staging, target)
 
 
+def held_out_only_codes(corpus: PatientCorpus) -> np.ndarray:
+    """Ids of vocabulary codes that no training patient has (empty for a corpus built split-first).
+
+    A corpus saved by ``prepare`` records ``stats["vocabulary_from"] == "train"`` and is trusted without a
+    scan; any other corpus (older format versions, a re-split or hand-built corpus) is scanned.
+    """
+    if corpus.stats.get("vocabulary_from") == "train":
+        return np.zeros(0, dtype=np.int64)
+    train = corpus.part_indices("train")
+    visits = ragged_indices(corpus.visit_offsets[train], corpus.visit_offsets[train + 1])
+    occurrences = ragged_indices(corpus.code_offsets[visits], corpus.code_offsets[visits + 1])
+    seen = np.bincount(np.asarray(corpus.codes)[occurrences], minlength=corpus.vocab_size) > 0
+    return np.flatnonzero(~seen)
+
+
 def random_split(n: int, fractions: tuple[float, float, float], *, seed: int) -> np.ndarray:
     """(n,) int8 split assignment: a seeded permutation cut at the cumulative ``fractions``."""
     fractions = tuple(float(f) for f in fractions)
@@ -397,7 +417,7 @@ def empty_statics(n_patients: int) -> dict[str, np.ndarray]:
 
 def concat_corpora(parts: list[PatientCorpus]) -> PatientCorpus:
     """Stack corpora that share one vocabulary and label set (e.g. generation chunks) into one; vocabulary
-    counts are recounted over the result (visits containing each code).
+    counts are recounted over the result's training patients (:func:`train_code_counts`).
 
     Raises:
         ConfigError: when the parts' vocabularies or label names differ.
@@ -426,5 +446,17 @@ def concat_corpora(parts: list[PatientCorpus]) -> PatientCorpus:
         visit_start=stack("visit_start"), sex=stack("sex"), birth_year=stack("birth_year"),
         age_at_first_visit=stack("age_at_first_visit"), death=stack("death"), labels=stack("labels"),
         label_names=first.label_names, split=stack("split"), stats=dict(first.stats),
-        vocab=Vocabulary(first.vocab.codes, np.bincount(stack("codes"), minlength=len(first.vocab)).astype(np.int64)),
+        vocab=Vocabulary(first.vocab.codes, train_code_counts(offsets("visit_offsets"), offsets("code_offsets"),
+                                                              stack("codes"), stack("split"), len(first.vocab))),
     )
+
+
+def train_code_counts(visit_offsets: np.ndarray, code_offsets: np.ndarray, codes: np.ndarray, split: np.ndarray,
+                      n_codes: int) -> np.ndarray:
+    """(n_codes,) int64 visits holding each code among training patients (split 0): a vocabulary's counts.
+
+    Split-first, nothing held out is counted; synthetic corpora are all split 0, so they count every visit.
+    """
+    on_train = np.repeat(np.asarray(split) == 0, np.diff(np.asarray(visit_offsets)))  # (V,)
+    on_train = np.repeat(on_train, np.diff(np.asarray(code_offsets)))  # (N,)
+    return np.bincount(np.asarray(codes)[on_train], minlength=n_codes).astype(np.int64)
