@@ -4,6 +4,7 @@ code filter come from training patients only; what held-out and rare codes cost 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -89,8 +90,9 @@ def test_concat_and_stream_merge_count_training_patients(mimic3_corpus, tmp_path
 def test_older_corpora_load_and_are_scanned_before_training(mimic3_corpus, whole, tmp_path):
     """A corpus saved before split-first (no ``vocabulary_from``) still loads; training scans it and refuses
     when its vocabulary holds codes only val/test patients have."""
-    old = whole.with_split(seed=0)  # the old layout: vocabulary of all patients, split afterwards
-    assert "vocabulary_from" not in old.stats
+    # the old layout: vocabulary of all patients, split afterwards
+    old = replace(whole, split=mimic3_corpus.split,
+                  stats={k: v for k, v in whole.stats.items() if k != "vocabulary_from"})
     old.save(tmp_path / "old")
     header = json.loads((tmp_path / "old" / "corpus.json").read_text())
     assert header["version"] == 2 and "vocabulary_from" not in header["stats"]
@@ -102,6 +104,14 @@ def test_older_corpora_load_and_are_scanned_before_training(mimic3_corpus, whole
     assert not (tmp_path / "run").exists()
     scanned = dict(mimic3_corpus.stats)
     scanned.pop("vocabulary_from")
-    from dataclasses import replace
-
     assert len(held_out_only_codes(replace(mimic3_corpus, stats=scanned))) == 0  # a split-first corpus passes
+
+
+def test_with_split_resplits_split_first(mimic3_corpus, whole):
+    """Re-splitting rebuilds the vocabulary from the new training patients, exactly as prepare would."""
+    again = whole.with_split(seed=0)  # the same seeded split of the same 100 patients
+    assert again.equals(mimic3_corpus) and again.vocab == mimic3_corpus.vocab
+    assert again.stats["codes_only_outside_train_at_resplit"] == 128
+    other = mimic3_corpus.with_split((0.5, 0.25, 0.25), seed=3)
+    assert len(held_out_only_codes(replace(other, stats={}))) == 0  # scanned: nothing held out remains
+    assert other.n_codes < mimic3_corpus.n_codes and np.all(np.diff(other.vocab.counts) <= 0)

@@ -193,13 +193,39 @@ class PatientCorpus:
         return self.subset(self.part_indices(name))
 
     def with_split(self, fractions: tuple[float, float, float] = (0.72, 0.08, 0.2), *, seed: int = 0) -> PatientCorpus:
-        """Assign a seeded train/val/test split by patient (HALO's default 72/8/20).
+        """Assign a seeded train/val/test split by patient (HALO's default 72/8/20), split-first.
 
-        The vocabulary is kept, so it may now hold codes that only val/test patients have: training refuses
-        such a corpus (:func:`held_out_only_codes`); re-split with ``prepare --split/--seed`` instead.
+        The vocabulary is rebuilt from the new training patients (:meth:`training_vocabulary`): codes only
+        val/test patients have are dropped (their visits may become empty; ``prepare`` applies its ``--empty``
+        policy, this keeps them), and code ids follow the new training counts.
         """
-        stats = {k: v for k, v in self.stats.items() if k != "vocabulary_from"}
-        return replace(self, split=random_split(self.n_patients, fractions, seed=seed), stats=stats)
+        split = random_split(self.n_patients, fractions, seed=seed)
+        return replace(self, split=split, stats=dict(self.stats)).training_vocabulary()
+
+    def training_vocabulary(self) -> PatientCorpus:
+        """This corpus with the vocabulary of its training patients only (split-first).
+
+        Codes no training patient has are dropped everywhere (counted in ``stats``), counts become training
+        visits per code, and ids are reordered by those counts (descending, ties by code) and re-sorted within
+        each visit, as ``prepare`` builds them.
+        """
+        counts = train_code_counts(self.visit_offsets, self.code_offsets, self.codes, self.split, self.vocab_size)
+        names = np.array(self.vocab.codes, dtype=str)
+        kept = np.flatnonzero(counts > 0)
+        order = kept[np.lexsort((names[kept], -counts[kept]))]
+        remap = np.full(max(self.vocab_size, 1), -1, dtype=np.int64)
+        remap[order] = np.arange(len(order))
+        new = remap[np.asarray(self.codes, dtype=np.int64)]  # (N,) -1: dropped
+        visit = self.code_visit()
+        keep = new >= 0
+        by_visit = np.lexsort((new[keep], visit[keep]))  # ascending ids within each visit
+        code_offsets = np.zeros(self.n_visits + 1, dtype=np.int64)
+        np.cumsum(np.bincount(visit[keep], minlength=self.n_visits), out=code_offsets[1:])
+        stats = {**self.stats, "vocabulary_from": "train",
+                 "codes_only_outside_train_at_resplit": int(self.vocab_size - len(order)),
+                 "events_only_outside_train_at_resplit": int((~keep).sum())}
+        return replace(self, code_offsets=code_offsets, codes=new[keep][by_visit].astype(np.int32),
+                       vocab=Vocabulary(tuple(names[order].tolist()), counts[order]), stats=stats)
 
     def flatten_visits(self) -> PatientCorpus:
         """One visit per patient holding every code the patient ever had (the view EHRDiff models).
@@ -379,8 +405,8 @@ def replace_directory(staging: Path, target: Path) -> None:
 def held_out_only_codes(corpus: PatientCorpus) -> np.ndarray:
     """Ids of vocabulary codes that no training patient has (empty for a corpus built split-first).
 
-    A corpus saved by ``prepare`` records ``stats["vocabulary_from"] == "train"`` and is trusted without a
-    scan; any other corpus (older format versions, a re-split or hand-built corpus) is scanned.
+    A corpus saved by ``prepare`` or re-split by ``with_split`` records ``stats["vocabulary_from"] == "train"``
+    and is trusted without a scan; any other corpus (older format versions, hand-built) is scanned.
     """
     if corpus.stats.get("vocabulary_from") == "train":
         return np.zeros(0, dtype=np.int64)
