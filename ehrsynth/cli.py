@@ -180,15 +180,22 @@ def format_description(summary: dict) -> str:
               help="Architecture preset: the paper's network, or a small one for CPUs and quick runs "
                    "(--config model options override it).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and exit.")
+@click.option("--dp-epsilon", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Train with DP-SGD (per-patient clipping) to this epsilon; training stops before exceeding it.")
+@click.option("--dp-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None,
+              help="DP delta (default 1 / N^1.1 for N training patients).")
+@click.option("--dp-max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="DP-SGD per-patient gradient clipping norm C (default 1.0).")
 def train_command(model, data, out, config_file, resume, max_steps, max_epochs, batch_size, lr, seed, device,
-                  nproc, preset, dry_run) -> None:
+                  nproc, preset, dry_run, dp_epsilon, dp_delta, dp_max_grad_norm) -> None:
     """Train MODEL (halo or ehrdiff) on a corpus; the best model lands in OUT/model."""
     from ehrsynth.pipeline import MODEL_PRESETS, read_config_file, train_model
 
     sections = read_config_file(config_file)
     sections["model"] = {**MODEL_PRESETS[model][preset], **sections["model"]}
     overrides = {"max_steps": max_steps, "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
-                 "seed": seed, "device": device}
+                 "seed": seed, "device": device, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
+                 "dp_max_grad_norm": dp_max_grad_norm}
     sections["training"].update({k: v for k, v in overrides.items() if v is not None})
     if dry_run:
         from ehrsynth.models import model_class
@@ -205,6 +212,10 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
         return  # under torchrun only rank 0 reports
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
     click.echo(f"trained {result.steps} steps; best validation loss {best}; model in {out / 'model'}")
+    spent = json.loads((out / "model" / "model.json").read_text())["meta"]["extra"].get("dp")
+    if spent:
+        click.echo(f"differential privacy: epsilon {spent['epsilon_spent']:.3f} of {spent['epsilon_target']} "
+                   f"spent (delta {spent['delta']:.2e}, {spent['steps']} steps)")
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:

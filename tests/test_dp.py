@@ -88,3 +88,35 @@ def test_budget_is_never_exceeded(setup):
         dp.DPConfig(epsilon=0)
     with pytest.raises(ConfigError, match="cannot be met"):
         dp.noise_multiplier_for(0.01, 1e-5, 1.0, 10_000)
+
+
+def test_training_loop_hook_spends_and_resumes(mimic3_corpus, tmp_path):
+    """train_model with dp_epsilon: epsilon spent lands in model.json, never above the target; a resumed run
+    keeps the saved account (its noise is not re-planned) and refuses the step that would exceed the target."""
+    import json
+
+    from ehrsynth.pipeline import train_model
+
+    tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_ctx": 20}
+    options = {"batch_size": 4, "max_steps": 4, "eval_every": 2, "checkpoint_every": 2, "dp_epsilon": 8.0,
+               "device": "cpu", "seed": 3}
+    whole = train_model("halo", mimic3_corpus, tmp_path / "a", model_options=tiny, training_options=options,
+                        progress=False)
+    assert whole.steps == 4
+    spent = json.loads((tmp_path / "a" / "model" / "model.json").read_text())["meta"]["extra"]["dp"]
+    assert spent["privacy_unit"] == "patient" and spent["steps"] in (2, 4)  # the best validated model's step
+    assert 0 < spent["epsilon_spent"] <= 8.0 and spent["sampling_rate"] == pytest.approx(4 / 72)
+    train_model("halo", mimic3_corpus, tmp_path / "b", model_options=tiny,
+                training_options={**options, "max_steps": 2}, progress=False)
+    loop = json.loads((tmp_path / "b" / "checkpoint" / "loop.json").read_text())
+    assert loop["dp"]["steps"] == 2
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["training"]["max_steps"] = 4
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    again = train_model("halo", mimic3_corpus, tmp_path / "b", model_options=tiny, training_options=options,
+                        resume=True, progress=False)
+    resumed = json.loads((tmp_path / "b" / "checkpoint" / "loop.json").read_text())["dp"]
+    assert resumed == loop["dp"]  # the noise was planned to spend epsilon 8 in 2 steps: a third would exceed it
+    assert again.steps == 2 and again.stopped_early
+    assert resumed["noise_multiplier"] < json.loads((tmp_path / "a" / "checkpoint" / "loop.json").read_text())[
+        "dp"]["noise_multiplier"]  # 4 planned steps need more noise than 2

@@ -11,9 +11,10 @@ One private step (Algorithm 1 of the paper):
 The accountant is Google's dp-accounting RDP accountant over Poisson-sampled Gaussian steps; its whole state is
 (q, sigma, steps), so a resumed run rebuilds it exactly from the checkpoint.
 
-This module holds the mechanics only. Wiring into ``training/loop.py`` (replace ``loss.backward()`` and
-``clip_grad_norm_`` by :func:`dp_step` when a :class:`DPConfig` is set, save ``accountant.state_dict()`` in the
-checkpoint state, write ``epsilon_spent`` into ``model.json``) is a separate change.
+The loop calls two functions (its "DP hook"): :func:`start` once, and :func:`private_backward` in place of
+``loss.backward()``. The accountant's state rides in the loop state (so in the checkpoint), each step's noise
+generator is seeded from (seed, step) (so a resumed run draws what an uninterrupted one would), and the spent
+epsilon goes into the model's ``meta.extra["dp"]`` (so into ``model.json``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError
 
 
@@ -132,12 +134,13 @@ def clipped_gradient_sum(model: torch.nn.Module, corpus: Any, patients: np.ndarr
     Returns:
         (per-parameter sums, (B,) the patients' unclipped gradient norms).
     """
+    view = CorpusView.of(corpus)
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     total = [torch.zeros_like(p) for p in params]
     norms = np.zeros(len(patients))
     for i, patient in enumerate(patients):
-        loss = model.loss(_on_device(model.collate(corpus, np.array([patient])), device))
+        loss = model(_on_device(model.collate(view.corpus, view.patients[[patient]]), device))  # forward = loss
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
@@ -170,3 +173,49 @@ def dp_step(model: torch.nn.Module, corpus: Any, n_patients: int, config: DPConf
     accountant.step()
     return {"batch_patients": float(len(patients)), "clipped_share": float(np.mean(norms > config.max_grad_norm))
             if len(norms) else math.nan, "epsilon_spent": spent_after}
+
+
+@dataclass
+class PrivateRun:
+    """What the loop's DP hook carries between steps."""
+
+    config: DPConfig
+    accountant: PrivacyAccountant
+    n_patients: int
+    seed: int
+
+
+def start(train_config: Any, n_patients: int, planned_steps: int, state: dict[str, Any],
+          world_size: int) -> PrivateRun | None:
+    """The DP side of a run (None without ``dp_epsilon``): sampling rate q = batch_size / N, and the smallest
+    noise that spends ``dp_epsilon`` in the planned steps -- or, on resume, the saved accountant."""
+    if train_config.dp_epsilon is None:
+        return None
+    if world_size > 1:
+        raise ConfigError("--dp-epsilon trains in one process; drop --nproc/torchrun")
+    config = DPConfig(epsilon=train_config.dp_epsilon, delta=train_config.dp_delta,
+                      max_grad_norm=train_config.dp_max_grad_norm)
+    if "dp" in state:
+        accountant = PrivacyAccountant.from_state_dict(state["dp"])
+    else:
+        delta = config.delta if config.delta is not None else default_delta(n_patients)
+        q = min(1.0, train_config.batch_size / n_patients)
+        accountant = PrivacyAccountant(q, noise_multiplier_for(config.epsilon, delta, q, planned_steps), delta)
+        state["dp"] = accountant.state_dict()
+    return PrivateRun(config, accountant, n_patients, int(train_config.seed))
+
+
+def private_backward(run: PrivateRun, model: torch.nn.Module, train_view: Any, state: dict[str, Any]) -> bool:
+    """One DP step's gradient into ``.grad`` (False, touching nothing, when it would exceed the budget)."""
+    seed = int(np.random.SeedSequence([run.seed, state["step"]]).generate_state(1)[0])
+    done = dp_step(model, train_view, run.n_patients, run.config, run.accountant,
+                   torch.Generator().manual_seed(seed))
+    if done is None:
+        return False
+    state["dp"] = run.accountant.state_dict()
+    model.meta.extra["dp"] = {"epsilon_spent": done["epsilon_spent"], "epsilon_target": run.config.epsilon,
+                              "delta": run.accountant.delta, "noise_multiplier": run.accountant.noise_multiplier,
+                              "sampling_rate": run.accountant.q, "max_grad_norm": run.config.max_grad_norm,
+                              "steps": run.accountant.steps, "accountant": "dp_accounting RDP",
+                              "privacy_unit": "patient"}
+    return True
