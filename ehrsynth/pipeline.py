@@ -300,6 +300,9 @@ def evaluate_to(
     extra: dict[str, Any] = {}
     if model_dir is not None:
         model = load_model(model_dir)
+        spent = model.meta.extra.get("dp")  # written by DP-SGD training (ehrsynth/training/dp.py)
+        extra["differential_privacy"] = {"metric": "privacy.differential_privacy", **(spent or {
+            "epsilon_spent": None, "not_applicable": "the model was trained without --dp-epsilon"})}
         if hasattr(model, "patient_log_likelihood"):
             loglik = model.patient_log_likelihood
             extra["perplexity_test"] = model.perplexity(test)

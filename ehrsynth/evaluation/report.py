@@ -45,6 +45,8 @@ HEADLINES = (
      "0.5 means no leakage"),
     ("privacy", "Most exposed: share of training records above holdout p99", ("most_exposed", "max_exposed_share"),
      "about 0.01 means no leakage"),
+    ("privacy", "Differential privacy: epsilon spent", ("differential_privacy", "epsilon_spent"),
+     "lower is more private; n/a: not DP-trained"),
 )
 
 
@@ -257,7 +259,8 @@ def _html(title: str, metrics: dict[str, Any], figures: dict[str, str]) -> str:
     privacy_rows = []
     for key in ("membership", "likelihood_membership", "likelihood_membership_per_code",
                 "likelihood_membership_per_visit", "likelihood_membership_calibrated", "membership_domias",
-                "most_exposed", "rare_code_exposure", "attribute", "nnaa", "dcr", "exact_copies"):
+                "most_exposed", "rare_code_exposure", "attribute", "nnaa", "dcr", "exact_copies",
+                "differential_privacy"):
         if key in metrics:
             for name, value in metrics[key].items():
                 if name == "not_applicable":
