@@ -99,6 +99,11 @@ def cli(threads: int | None) -> None:
               help="Code tables to read (repeatable). mimic3/mimic4: diagnoses, procedures, prescriptions; "
                    "omop: condition, drug, procedure; synthea: conditions, medications, procedures.")
 @click.option("--min-count", type=click.IntRange(min=1), default=1, help="Drop codes seen in fewer visits.")
+@click.option("--profile", type=click.Choice(["release", "research"]), default="release", show_default=True,
+              help="release: drop codes fewer than 11 training patients have (rare codes identify people); "
+                   "research: keep every training code, as the papers did.")
+@click.option("--min-patients", type=click.IntRange(min=1), default=None,
+              help="Drop codes seen in fewer distinct training patients (default: 11 for release, 1 for research).")
 @click.option("--systems", default=None, help="Comma-separated code systems to keep, e.g. ICD9CM,ICD9PROC.")
 @click.option("--icd9-rollup", is_flag=True, help="Roll ICD-9 codes up to 3 digits (4 for E-codes), as EHRDiff.")
 @click.option("--max-visits", type=click.IntRange(min=1), default=None, help="Cap on visits per patient.")
@@ -121,13 +126,13 @@ def cli(threads: int | None) -> None:
               help="strftime pattern tried first on every date column, e.g. '%d/%m/%Y' (ISO and a documented "
                    "set of common formats are recognised without it).")
 @_overwrite_option("corpus")
-def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup, max_visits, keep_visits,
-            max_codes_per_visit, empty, split_fractions, seed, patient_col, visit_col, code_col, time_col,
-            code_system, visit_window_hours, date_format, overwrite) -> None:
+def prepare(source, input_path, output, tables, min_count, profile, min_patients, systems, icd9_rollup, max_visits,
+            keep_visits, max_codes_per_visit, empty, split_fractions, seed, patient_col, visit_col, code_col,
+            time_col, code_system, visit_window_hours, date_format, overwrite) -> None:
     """Read a source into a corpus directory (with a seeded train/val/test split).
 
     The corpus holds real patients, so it is private to you (0700/0600) whatever your umask."""
-    from ehrsynth.data.build import BuildOptions
+    from ehrsynth.data.build import PROFILE_MIN_PATIENTS, BuildOptions
     from ehrsynth.data.readers import read_source
     from ehrsynth.outputs import check_output
 
@@ -135,6 +140,7 @@ def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup,
 
     options = BuildOptions(
         min_count=min_count,
+        min_patients=PROFILE_MIN_PATIENTS[profile] if min_patients is None else min_patients,
         systems=tuple(s.strip() for s in systems.split(",")) if systems else None,
         icd9_rollup=icd9_rollup,
         max_visits=max_visits,
@@ -148,6 +154,7 @@ def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup,
               "time": time_col, "code_system": code_system, "visit_window_hours": visit_window_hours}
     with _spinner(f"reading {source} from {input_path}"):
         corpus = read_source(source, input_path, options=options, date_format=date_format, **kwargs)
+        corpus.stats["profile"] = profile
         corpus.save(output, private=True)
     summary = corpus.describe()
     click.echo(f"wrote {output}: {summary['patients']} patients, {summary['visits']} visits, "
@@ -188,6 +195,16 @@ def format_description(summary: dict) -> str:
     dropped = {k: v for k, v in summary["build"].items() if isinstance(v, int) and k not in
                ("patients", "visits", "code_occurrences", "input_rows") and v}
     lines.append("dropped/merged      " + (", ".join(f"{k}: {v}" for k, v in dropped.items()) or "nothing"))
+    build = summary["build"]
+    if build.get("vocabulary_from") == "train":  # split-first corpus: what held-out/rare codes cost each part
+        lines.append(f"vocabulary from     training patients only (profile {build.get('profile', 'library')}, "
+                     f"min patients {build.get('options', {}).get('min_patients', 1)}); "
+                     f"{build.get('codes_only_outside_train', 0)} codes only in val/test dropped")
+        for what in ("visits", "patients"):
+            emptied = build.get(f"{what}_emptied_by_vocabulary", {})
+            lines.append(f"{what + ' emptied':<20}" + ", ".join(f"{k}: {v}" for k, v in emptied.items())
+                         + (" (kept as empty visits)" if build.get("options", {}).get("empty") == "keep"
+                            else " (dropped)"))
     return "\n".join(lines)
 
 
@@ -220,9 +237,16 @@ def format_description(summary: dict) -> str:
               help="Architecture preset: the paper's network, or a small one for CPUs and quick runs "
                    "(--config model options override it).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and exit.")
+@click.option("--dp-epsilon", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Train with DP-SGD (per-patient clipping) to this epsilon; training stops before exceeding it.")
+@click.option("--dp-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=None,
+              help="DP delta (default 1 / N^1.1 for N training patients).")
+@click.option("--dp-max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="DP-SGD per-patient gradient clipping norm C (default 1.0).")
 @_overwrite_option("run directory")
 def train_command(model, data, out, config_file, resume, max_steps, max_epochs, max_time, patience,
-                  checkpoint_minutes, batch_size, lr, seed, device, nproc, preset, dry_run, overwrite) -> None:
+                  checkpoint_minutes, batch_size, lr, seed, device, nproc, preset, dry_run, dp_epsilon, dp_delta,
+                  dp_max_grad_norm, overwrite) -> None:
     """Train MODEL (halo or ehrdiff) on a corpus; the best model lands in OUT/model."""
     from ehrsynth.outputs import check_output, remove_output
     from ehrsynth.pipeline import MODEL_PRESETS, RUN_HINT, read_config_file, train_model
@@ -230,7 +254,8 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
     sections = read_config_file(config_file)
     sections["model"] = {**MODEL_PRESETS[model][preset], **sections["model"]}
     overrides = {"max_steps": max_steps, "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
-                 "seed": seed, "device": device, "max_time": max_time, "checkpoint_minutes": checkpoint_minutes}
+                 "seed": seed, "device": device, "max_time": max_time, "checkpoint_minutes": checkpoint_minutes,
+                 "dp_epsilon": dp_epsilon, "dp_delta": dp_delta, "dp_max_grad_norm": dp_max_grad_norm}
     sections["training"].update({k: v for k, v in overrides.items() if v is not None})
     if patience is not None:
         sections["training"]["patience"] = patience or None
@@ -257,6 +282,10 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
            " (time budget used; --resume continues)" if result.out_of_time else "")
     at = "" if result.best_step is None else f" (step {result.best_step})"
     click.echo(f"trained {result.steps} steps{why}; best validation loss {best}{at}; model in {out / 'model'}")
+    spent = json.loads((out / "model" / "model.json").read_text())["meta"]["extra"].get("dp")
+    if spent:
+        click.echo(f"differential privacy: epsilon {spent['epsilon_spent']:.3f} of {spent['epsilon_target']} "
+                   f"spent (delta {spent['delta']:.2e}, {spent['steps']} steps)")
 
 
 def _duration(value: str | None) -> float | None:

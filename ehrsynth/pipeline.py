@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ehrsynth.data.corpus import PatientCorpus, concat_corpora
+from ehrsynth.data.corpus import PatientCorpus, concat_corpora, held_out_only_codes
 from ehrsynth.data.stream import save_stream
 from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError, InputError, short
@@ -105,6 +105,10 @@ def train_model(
     train_part, val_part = CorpusView.part(corpus, "train"), CorpusView.part(corpus, "val")
     if train_part.n_patients == 0:
         raise InputError("the corpus has no training patients (check its split)")
+    outside = held_out_only_codes(corpus)
+    if len(outside):  # nothing held out may shape the model: its vocabulary is written into model.json
+        raise InputError(f"{len(outside)} vocabulary codes occur only in val/test patients (a corpus built "
+                         "before split-first, or re-split); re-run `ehrsynth prepare`")
     with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(train_config.seed)
         model = cls.from_corpus(train_part, config)
@@ -317,6 +321,7 @@ def evaluate_to(
     Returns:
         The report path and the headline rows.
     """
+    from ehrsynth.data.build import BuildOptions
     from ehrsynth.data.readers import read_source
     from ehrsynth.evaluation.report import evaluate, headline, write_report
 
@@ -325,11 +330,13 @@ def evaluate_to(
     check_output(out, "report", flag="--out", overwrite=overwrite, inputs=paths)
 
     synthetic_where = None if isinstance(synthetic, PatientCorpus) else synthetic
+    # synthetic files are read whole: every record a training record, so split-first drops none of their codes
+    whole = BuildOptions(split=(1.0, 0.0, 0.0))
     train = train if isinstance(train, PatientCorpus) else load_corpus_part(train, "train")
     test = test if isinstance(test, PatientCorpus) else load_corpus_part(test, "test")
     if not isinstance(synthetic, PatientCorpus):
         synthetic = (PatientCorpus.load(synthetic) if synthetic_source == "corpus"
-                     else read_source(synthetic_source, synthetic))
+                     else read_source(synthetic_source, synthetic, options=whole))
     check_vocabulary_overlap(synthetic, train, where=synthetic_where)
     flattened = bool(synthetic.n_visits == synthetic.n_patients and train.n_visits > train.n_patients)
     if flattened:  # a patient-level generator (EHRDiff): compare it with patient-level real data
@@ -338,6 +345,9 @@ def evaluate_to(
     extra: dict[str, Any] = {}
     if model_dir is not None:
         model = load_model(model_dir)
+        spent = model.meta.extra.get("dp")  # written by DP-SGD training (ehrsynth/training/dp.py)
+        extra["differential_privacy"] = {"metric": "privacy.differential_privacy", **(spent or {
+            "epsilon_spent": None, "not_applicable": "the model was trained without --dp-epsilon"})}
         if hasattr(model, "patient_log_likelihood"):
             loglik = model.patient_log_likelihood
             extra["perplexity_test"] = model.perplexity(test)

@@ -140,7 +140,7 @@ def test_patient_without_codes_kept_as_empty_visit(tmp_path):
 
 def test_duplicate_rows_are_merged_and_counted(tmp_path):
     content = b"patient,visit,code\n1,2020-01-01,A\n1,2020-01-01,A\n1,2020-01-01, A \n1,2020-01-02,A\n2,2020-01-01,B\n"
-    c = read_long(_write(tmp_path, "dups", content))
+    c = read_long(_write(tmp_path, "dups", content), options=BuildOptions(split=(1.0, 0.0, 0.0)))  # both kept
     stats = c.stats
     assert (stats["input_rows"], stats["duplicate_events"]) == (5, 2)  # ' A ' is A once stripped
     got = counts(c)
@@ -150,7 +150,9 @@ def test_duplicate_rows_are_merged_and_counted(tmp_path):
 # ---- the CLI: one line on stderr, exit code 2, no output ------------------------------------------------------
 
 def _prepare_args(path: Path, output: Path) -> list[str]:
-    return ["ehrsynth", "prepare", "--source", "long", "--input", str(path), "--output", str(output)]
+    # every patient a training patient, every code kept: a two-patient file has no held-out part to filter by
+    return ["ehrsynth", "prepare", "--source", "long", "--input", str(path), "--output", str(output),
+            "--profile", "research", "--split", "1,0,0"]
 
 
 @pytest.mark.parametrize("name", list(BAD_FILES))

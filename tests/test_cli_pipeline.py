@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from ehrsynth.data.build import BuildOptions
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.data.readers import read_source
 
@@ -23,7 +24,8 @@ def run(*args, ok=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("cli")
-    run("prepare", "--source", "mimic3", "--input", data_dir / "mimic-iii-demo", "--output", root / "corpus")
+    run("prepare", "--source", "mimic3", "--input", data_dir / "mimic-iii-demo", "--output", root / "corpus",
+        "--profile", "research")
     run("train", "halo", "--data", root / "corpus", "--out", root / "run", "--preset", "small",
         "--max-steps", 20, "--batch-size", 12, "--lr", 1e-3)
     return root
@@ -32,7 +34,23 @@ def trained(tmp_path_factory, data_dir):
 def test_prepare_and_describe(trained):
     out = run("describe", trained / "corpus", "--json")
     summary = json.loads(out.stdout)
-    assert (summary["patients"], summary["visits"], summary["code_occurrences"]) == (100, 129, 1761)
+    # split-first: the 151 diagnosis rows of the 128 codes that only val/test patients have are dropped
+    assert (summary["patients"], summary["visits"], summary["code_occurrences"]) == (100, 129, 1761 - 151)
+    assert (summary["build"]["codes_only_outside_train"], summary["build"]["events_only_outside_train"]) == (128, 151)
+    text = run("describe", trained / "corpus").stdout
+    assert "128 codes only in val/test dropped" in text and "profile research, min patients 1" in text
+
+
+def test_model_vocabulary_holds_training_codes_only(trained, data_dir):
+    """Nothing held out shapes the model: no code that only val/test patients have is in model.json."""
+    whole = read_source("mimic3", data_dir / "mimic-iii-demo", options=BuildOptions(split=(1.0, 0.0, 0.0)))
+    split = PatientCorpus.load(trained / "corpus").split  # the same patients, in the same order
+    assert np.array_equal(whole.patient_ids.astype(str), PatientCorpus.load(trained / "corpus").patient_ids)
+    train_codes = {c for p in np.flatnonzero(split == 0) for visit in whole.patient_codes(p) for c in visit}
+    held_out_only = set(whole.vocab.codes) - train_codes
+    assert len(held_out_only) == 128
+    model_codes = set(json.loads((trained / "run" / "model" / "model.json").read_text())["meta"]["codes"])
+    assert model_codes == train_codes and not model_codes & held_out_only
 
 
 def test_train_writes_run_and_refuses_silent_reuse(trained):
@@ -61,7 +79,8 @@ def test_generate_every_format_reads_back(trained, fmt):
         assert corpus.equals(expected)
         assert corpus.label_names == ("mortality",) and int(corpus.labels.sum()) == 40
         return
-    corpus = read_source(fmt, out_dir / "long.parquet" if fmt == "long" else out_dir)
+    corpus = read_source(fmt, out_dir / "long.parquet" if fmt == "long" else out_dir,
+                         options=BuildOptions(split=(1.0, 0.0, 0.0)))  # synthetic records: all kept
     # patients the model gave no code at all have no row to write; everyone else comes back
     assert corpus.n_patients == with_codes
     assert corpus.n_codes == expected.n_codes

@@ -57,7 +57,7 @@ def test_load_errors_name_the_directory(tmp_path):
 def test_parts_subset_and_concat(mimic3_corpus):
     parts = [mimic3_corpus.part(name) for name in ("train", "val", "test")]
     assert [p.n_patients for p in parts] == [72, 8, 20]
-    assert sum(p.n_codes for p in parts) == 1761
+    assert sum(p.n_codes for p in parts) == 1610  # 1,761 rows less 151 of codes only val/test patients have
     assert sum(p.n_visits for p in parts) == 129
     ids = np.concatenate([p.patient_ids for p in parts])
     assert len(set(ids)) == 100
@@ -80,7 +80,7 @@ def test_split_is_seeded(mimic3_corpus):
 def test_multi_hot_matches_code_lists(mimic3_corpus):
     patients = np.array([5, 0, 42])
     dense = mimic3_corpus.patient_multi_hot(patients)
-    assert dense.shape == (3, 581)
+    assert dense.shape == (3, 453)  # the 581 diagnoses less 128 only val/test patients have
     index = mimic3_corpus.vocab.index()
     for row, p in enumerate(patients):
         expected = {index[c] for visit in mimic3_corpus.patient_codes(p) for c in visit}
@@ -99,9 +99,9 @@ def test_codes_sorted_by_frequency_within_visits(mimic3_corpus):
 
 def test_describe_is_aggregate_only(mimic3_corpus):
     summary = mimic3_corpus.describe()
-    assert summary["patients"] == 100 and summary["visits"] == 129 and summary["code_occurrences"] == 1761
+    assert summary["patients"] == 100 and summary["visits"] == 129 and summary["code_occurrences"] == 1610
     assert summary["visits_per_patient"]["max"] == 15
-    assert summary["codes_per_visit"]["mean"] == pytest.approx(1761 / 129, abs=1e-4)
+    assert summary["codes_per_visit"]["mean"] == pytest.approx(1610 / 129, abs=1e-4)
     assert summary["labels"] == {"mortality": 40}
     text = repr(summary)
     assert not any(str(pid) in text for pid in mimic3_corpus.patient_ids[:20])

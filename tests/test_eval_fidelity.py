@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehrsynth.data.build import build_corpus
+from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError
@@ -20,13 +20,15 @@ from ehrsynth.evaluation.features import aligned_code_matrices, align_vocabulari
 
 T0 = datetime(2020, 1, 1)
 
+WHOLE = BuildOptions(split=(1.0, 0.0, 0.0))  # toys keep every code: no held-out part to filter by
+
 
 def toy(records: list[list[tuple[int, list[str]]]], *, first_id: int = 0) -> PatientCorpus:
     """A corpus from [patient][visit] = (day, codes); codes get the prefix ``X/``."""
     rows = [(first_id + p, f"{p}-{v}", T0 + timedelta(days=day), f"X/{code}")
             for p, visits in enumerate(records) for v, (day, codes) in enumerate(visits) for code in codes]
     frame = pl.DataFrame(rows, schema=["patient", "visit", "time", "code"], orient="row")
-    return build_corpus(frame, source="toy")
+    return build_corpus(frame, None, WHOLE, source="toy")
 
 
 def r2(y: list[float], f: list[float]) -> float:
@@ -176,7 +178,7 @@ def shuffle_columns(corpus: PatientCorpus, seed: int) -> PatientCorpus:
     patient, code = np.nonzero(x)
     frame = pl.DataFrame({"patient": patient, "visit": patient, "time": [T0] * len(patient),
                           "code": np.asarray(corpus.vocab.codes, dtype=object)[code].tolist()})
-    return build_corpus(frame, source="shuffled")
+    return build_corpus(frame, None, WHOLE, source="shuffled")
 
 
 def test_shuffled_codes_keep_prevalence_not_cooccurrence(mimic3_corpus):

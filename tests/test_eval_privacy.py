@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehrsynth.data.build import build_corpus
+from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.data.readers.omop import read_omop
 from ehrsynth.errors import ConfigError
@@ -22,6 +22,8 @@ from ehrsynth.evaluation import privacy
 from ehrsynth.evaluation.features import nearest_hamming
 
 T0 = datetime(2020, 1, 1)
+
+WHOLE = BuildOptions(split=(1.0, 0.0, 0.0))  # toys keep every code: no held-out part to filter by
 
 
 def toy(code_sets: list[list[str]], labels: dict[str, list[int]] | None = None, *,
@@ -33,7 +35,7 @@ def toy(code_sets: list[list[str]], labels: dict[str, list[int]] | None = None, 
     if labels:
         patients = pl.DataFrame({"patient": np.arange(len(code_sets)) + first_id,
                                  **{f"label:{name}": values for name, values in labels.items()}})
-    return build_corpus(frame, patients, source="toy")
+    return build_corpus(frame, patients, WHOLE, source="toy")
 
 
 # Nearest synthetic distances: members t1..t4 -> 0, 1, 2, 2; non-members h1..h4 -> 1, 1, 1, 3.
@@ -153,7 +155,7 @@ def rebuilt(corpus: PatientCorpus) -> PatientCorpus:
         "time": [T0 + timedelta(days=float(d)) for d in np.asarray(corpus.visit_days)[visit]],
         "code": np.asarray(corpus.vocab.codes, dtype=object)[corpus.codes].tolist(),
     })
-    return build_corpus(frame, source="copy")
+    return build_corpus(frame, None, WHOLE, source="copy")
 
 
 def test_training_copies_leak(gibleed_parts):

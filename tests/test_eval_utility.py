@@ -11,13 +11,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehrsynth.data.build import build_corpus
+from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError
 from ehrsynth.evaluation.utility import downstream_utility
 
 T0 = datetime(2020, 1, 1)
+
+WHOLE = BuildOptions(split=(1.0, 0.0, 0.0))  # toys keep every code: no held-out part to filter by
 
 
 def toy(records: list[list[list[str]]], labels: dict[str, list[int]] | None = None, *,
@@ -30,7 +32,7 @@ def toy(records: list[list[list[str]]], labels: dict[str, list[int]] | None = No
     if labels:
         patients = pl.DataFrame({"patient": np.arange(len(records)) + first_id,
                                  **{f"label:{name}": values for name, values in labels.items()}})
-    return build_corpus(frame, patients, source="toy")
+    return build_corpus(frame, patients, WHOLE, source="toy")
 
 
 def by_key(result, target, model, trained_on):

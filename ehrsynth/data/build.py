@@ -10,6 +10,11 @@ A reader's job is only to turn its source into two tidy frames:
 
 Filtering, de-duplication, caps, vocabulary and split all happen here, once, and every drop is counted in
 ``corpus.stats``.
+
+Split first: patients are assigned to train/val/test before any code is counted, and the vocabulary, its counts,
+``min_count`` and ``min_patients`` come from the training patients only. A code seen only in val/test patients
+is dropped from their visits (counted as ``codes_only_outside_train``); visits and patients this empties follow
+the ``empty`` policy like any other empty visit and are counted per part. Nothing held out shapes a model.
 """
 
 from __future__ import annotations
@@ -20,11 +25,17 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from ehrsynth.data.corpus import PatientCorpus, random_split
+from ehrsynth.data.corpus import SPLIT_NAMES, PatientCorpus, random_split
 from ehrsynth.data.vocab import Vocabulary, icd9_rollup_expr
 from ehrsynth.errors import ConfigError, EmptyTableError
 
 LABEL_PREFIX = "label:"
+
+# `prepare --profile`: the default K of --min-patients. "release" (the default) follows the US CMS cell-size
+# suppression policy -- no figure derived from 1 to 10 people is published -- so a released model never learns,
+# lists or emits a code fewer than 11 training patients have. "research" keeps every training code (K=1), as
+# the HALO and EHRDiff papers did, for fidelity comparisons with them.
+PROFILE_MIN_PATIENTS = {"release": 11, "research": 1}
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,9 @@ class BuildOptions:
     """How raw events become a corpus.
 
     Attributes:
-        min_count: drop codes present in fewer than this many visits (counted after de-duplication).
+        min_count: drop codes present in fewer than this many training visits (counted after de-duplication).
+        min_patients: drop codes present in fewer than this many distinct training patients (rare codes are
+            identifying; ``prepare --profile release`` raises it, see README "Privacy").
         systems: keep only codes of these systems (e.g. ``("ICD9CM",)``); None keeps all.
         icd9_rollup: roll ICD-9 diagnoses to 3 characters (4 for E-codes) and procedures to 3, as EHRDiff.
         max_visits: cap on visits per patient; None for no cap.
@@ -46,6 +59,7 @@ class BuildOptions:
     """
 
     min_count: int = 1
+    min_patients: int = 1
     systems: tuple[str, ...] | None = None
     icd9_rollup: bool = False
     max_visits: int | None = None
@@ -58,6 +72,8 @@ class BuildOptions:
     def __post_init__(self) -> None:
         if self.min_count < 1:
             raise ConfigError(f"min_count must be >= 1, got {self.min_count!r}")
+        if self.min_patients < 1:
+            raise ConfigError(f"min_patients must be >= 1, got {self.min_patients!r}")
         if self.max_visits is not None and self.max_visits < 1:
             raise ConfigError(f"max_visits must be >= 1, got {self.max_visits!r}")
         if self.max_codes_per_visit is not None and self.max_codes_per_visit < 1:
@@ -151,11 +167,17 @@ def build_corpus(
     first[1:] = (ev_visit[1:] != ev_visit[:-1]) | (ev_code[1:] != ev_code[:-1])
     stats["duplicate_events"] = int((~first).sum())
     ev_visit, ev_code, ev_order = ev_visit[first], ev_code[first], ev_order[first]
-    code_counts = np.bincount(ev_code, minlength=len(code_names))
-    rare = (code_counts > 0) & (code_counts < options.min_count)
-    stats["codes_below_min_count"] = int(rare.sum())
-    stats["events_below_min_count"] = int(code_counts[rare].sum())
-    common = ~rare[ev_code]
+
+    # ---- split first, then the vocabulary from training patients only (min_count, min_patients) -----------
+    n_patients0 = int(visit_key_patient[-1]) + 1 if n_visits0 else 0
+    coded_visit = np.bincount(ev_visit, minlength=n_visits0) > 0
+    in_split = (np.ones(n_patients0, dtype=bool) if options.empty == "keep"  # the patients a corpus can keep
+                else np.bincount(visit_key_patient[coded_visit], minlength=n_patients0) > 0)
+    patient_split = np.full(n_patients0, -1, dtype=np.int8)
+    patient_split[in_split] = random_split(int(in_split.sum()), options.split, seed=options.seed)
+    train_visit = patient_split[visit_key_patient] == 0
+    common = _train_vocabulary_mask(ev_visit, ev_code, train_visit, visit_key_patient, len(code_names), options,
+                                    stats)
     ev_visit, ev_code, ev_order = ev_visit[common], ev_code[common], ev_order[common]
     if options.max_codes_per_visit is not None:
         by_order = np.lexsort((ev_order, ev_visit))
@@ -183,6 +205,17 @@ def build_corpus(
         stats["visits_over_cap"] = int((~survive).sum())
         stats["patients_truncated"] = int(len(np.unique(visit_key_patient[kept_ids][~survive])))
         keep_visit[kept_ids[~survive]] = False
+    # codes whose every training occurrence fell to a cap are not in the vocabulary either: drop them everywhere
+    on_kept = keep_visit[ev_visit]
+    train_counts = np.bincount(ev_code[on_kept & train_visit[ev_visit]], minlength=len(code_names))
+    orphan = on_kept & (train_counts == 0)[ev_code]
+    if orphan.any():
+        stats["codes_only_outside_train_after_caps"] = int(len(np.unique(ev_code[orphan])))
+        ev_visit, ev_code = ev_visit[~orphan], ev_code[~orphan]
+        if options.empty == "drop":
+            keep_visit &= np.bincount(ev_visit, minlength=n_visits0) > 0
+    _count_emptied(coded_visit, np.bincount(ev_visit, minlength=n_visits0) > 0, visit_key_patient,
+                   patient_split, stats)
     if not keep_visit.any():
         raise EmptyTableError(f"no patient with a code remains after filtering ({source})")
     new_visit = np.cumsum(keep_visit) - 1
@@ -192,9 +225,12 @@ def build_corpus(
     kept_patient_key = visit_key_patient[keep_visit]
     patient_of_visit = np.cumsum(np.r_[True, kept_patient_key[1:] != kept_patient_key[:-1]]) - 1
     n_patients, n_visits = int(patient_of_visit.max()) + 1, visits.height
+    split = patient_split[kept_patient_key[np.r_[True, kept_patient_key[1:] != kept_patient_key[:-1]]]]
+    assert (split >= 0).all(), "a kept patient was left out of the split"
 
-    # ---- vocabulary (descending count, ties by code) and final code ids -------------------------------------
-    used_counts_all = np.bincount(ev_code, minlength=len(code_names))
+    # ---- vocabulary: training visits holding each code (descending count, ties by code), final code ids ----
+    used_counts_all = np.bincount(ev_code[split[patient_of_visit[ev_visit]] == 0], minlength=len(code_names))
+    assert np.isin(ev_code, np.flatnonzero(used_counts_all)).all(), "a code outside the training vocabulary"
     used_ids = np.flatnonzero(used_counts_all)
     used_counts = used_counts_all[used_ids].astype(np.int64)
     used_names = np.array(code_names.to_list(), dtype=str)[used_ids] if len(used_ids) else np.array([], dtype=str)
@@ -233,6 +269,7 @@ def build_corpus(
     stats["patients"] = n_patients
     stats["visits"] = n_visits
     stats["code_occurrences"] = int(len(codes))
+    stats["vocabulary_from"] = "train"  # split-first: see held_out_only_codes for corpora built otherwise
     return PatientCorpus(
         patient_ids=roster["patient"].cast(pl.String).to_numpy().astype(str).astype(object),
         visit_offsets=visit_offsets,
@@ -247,9 +284,45 @@ def build_corpus(
         labels=labels,
         label_names=label_names,
         vocab=vocab,
-        split=random_split(n_patients, options.split, seed=options.seed),
+        split=split,
         stats=stats,
     )
+
+
+def _train_vocabulary_mask(ev_visit: np.ndarray, ev_code: np.ndarray, train_visit: np.ndarray,
+                           visit_patient: np.ndarray, n_codes: int, options: BuildOptions,
+                           stats: dict[str, object]) -> np.ndarray:
+    """(E,) bool: the events whose code the training patients admit (seen in train, >= min_count training
+    visits, >= min_patients distinct training patients); each reason for a drop is counted in ``stats``."""
+    on_train = train_visit[ev_visit]
+    all_counts = np.bincount(ev_code, minlength=n_codes)
+    train_counts = np.bincount(ev_code[on_train], minlength=n_codes)
+    pairs = np.unique(visit_patient[ev_visit[on_train]] * n_codes + ev_code[on_train])  # distinct (patient, code)
+    train_patients = np.bincount(pairs % max(n_codes, 1), minlength=n_codes)
+    outside = (all_counts > 0) & (train_counts == 0)
+    rare = (train_counts > 0) & (train_counts < options.min_count)
+    few = (train_counts > 0) & ~rare & (train_patients < options.min_patients)
+    for name, dropped in (("only_outside_train", outside), ("below_min_count", rare),
+                          ("below_min_patients", few)):
+        stats[f"codes_{name}"] = int(dropped.sum())
+        stats[f"events_{name}"] = int(all_counts[dropped].sum())
+    return ~(outside | rare | few)[ev_code]
+
+
+def _count_emptied(coded_visit: np.ndarray, still_coded: np.ndarray, visit_patient: np.ndarray,
+                   patient_split: np.ndarray, stats: dict[str, object]) -> None:
+    """Count, per split part, the visits and patients that had codes but lost them all to vocabulary filters
+    and caps (they then follow the ``empty`` policy)."""
+    emptied_visit = coded_visit & ~still_coded
+    n = len(patient_split)
+    had = np.bincount(visit_patient[coded_visit], minlength=n) > 0
+    has = np.bincount(visit_patient[still_coded], minlength=n) > 0
+    emptied_patient = had & ~has
+    visit_part = patient_split[visit_patient]
+    stats["visits_emptied_by_vocabulary"] = {name: int((emptied_visit & (visit_part == i)).sum())
+                                             for i, name in enumerate(SPLIT_NAMES)}
+    stats["patients_emptied_by_vocabulary"] = {name: int((emptied_patient & (patient_split == i)).sum())
+                                               for i, name in enumerate(SPLIT_NAMES)}
 
 
 _LAST = np.iinfo(np.int64).max  # key of a missing visit id or time: sorts after every real one

@@ -191,8 +191,39 @@ class PatientCorpus:
         return self.subset(self.part_indices(name))
 
     def with_split(self, fractions: tuple[float, float, float] = (0.72, 0.08, 0.2), *, seed: int = 0) -> PatientCorpus:
-        """Assign a seeded train/val/test split by patient (HALO's default 72/8/20)."""
-        return replace(self, split=random_split(self.n_patients, fractions, seed=seed), stats=dict(self.stats))
+        """Assign a seeded train/val/test split by patient (HALO's default 72/8/20), split-first.
+
+        The vocabulary is rebuilt from the new training patients (:meth:`training_vocabulary`): codes only
+        val/test patients have are dropped (their visits may become empty; ``prepare`` applies its ``--empty``
+        policy, this keeps them), and code ids follow the new training counts.
+        """
+        split = random_split(self.n_patients, fractions, seed=seed)
+        return replace(self, split=split, stats=dict(self.stats)).training_vocabulary()
+
+    def training_vocabulary(self) -> PatientCorpus:
+        """This corpus with the vocabulary of its training patients only (split-first).
+
+        Codes no training patient has are dropped everywhere (counted in ``stats``), counts become training
+        visits per code, and ids are reordered by those counts (descending, ties by code) and re-sorted within
+        each visit, as ``prepare`` builds them.
+        """
+        counts = train_code_counts(self.visit_offsets, self.code_offsets, self.codes, self.split, self.vocab_size)
+        names = np.array(self.vocab.codes, dtype=str)
+        kept = np.flatnonzero(counts > 0)
+        order = kept[np.lexsort((names[kept], -counts[kept]))]
+        remap = np.full(max(self.vocab_size, 1), -1, dtype=np.int64)
+        remap[order] = np.arange(len(order))
+        new = remap[np.asarray(self.codes, dtype=np.int64)]  # (N,) -1: dropped
+        visit = self.code_visit()
+        keep = new >= 0
+        by_visit = np.lexsort((new[keep], visit[keep]))  # ascending ids within each visit
+        code_offsets = np.zeros(self.n_visits + 1, dtype=np.int64)
+        np.cumsum(np.bincount(visit[keep], minlength=self.n_visits), out=code_offsets[1:])
+        stats = {**self.stats, "vocabulary_from": "train",
+                 "codes_only_outside_train_at_resplit": int(self.vocab_size - len(order)),
+                 "events_only_outside_train_at_resplit": int((~keep).sum())}
+        return replace(self, code_offsets=code_offsets, codes=new[keep][by_visit].astype(np.int32),
+                       vocab=Vocabulary(tuple(names[order].tolist()), counts[order]), stats=stats)
 
     def flatten_visits(self) -> PatientCorpus:
         """One visit per patient holding every code the patient ever had (the view EHRDiff models).
@@ -356,6 +387,21 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def held_out_only_codes(corpus: PatientCorpus) -> np.ndarray:
+    """Ids of vocabulary codes that no training patient has (empty for a corpus built split-first).
+
+    A corpus saved by ``prepare`` or re-split by ``with_split`` records ``stats["vocabulary_from"] == "train"``
+    and is trusted without a scan; any other corpus (older format versions, hand-built) is scanned.
+    """
+    if corpus.stats.get("vocabulary_from") == "train":
+        return np.zeros(0, dtype=np.int64)
+    train = corpus.part_indices("train")
+    visits = ragged_indices(corpus.visit_offsets[train], corpus.visit_offsets[train + 1])
+    occurrences = ragged_indices(corpus.code_offsets[visits], corpus.code_offsets[visits + 1])
+    seen = np.bincount(np.asarray(corpus.codes)[occurrences], minlength=corpus.vocab_size) > 0
+    return np.flatnonzero(~seen)
+
+
 def random_split(n: int, fractions: tuple[float, float, float], *, seed: int) -> np.ndarray:
     """(n,) int8 split assignment: a seeded permutation cut at the cumulative ``fractions``."""
     fractions = tuple(float(f) for f in fractions)
@@ -382,7 +428,7 @@ def empty_statics(n_patients: int) -> dict[str, np.ndarray]:
 
 def concat_corpora(parts: list[PatientCorpus]) -> PatientCorpus:
     """Stack corpora that share one vocabulary and label set (e.g. generation chunks) into one; vocabulary
-    counts are recounted over the result (visits containing each code).
+    counts are recounted over the result's training patients (:func:`train_code_counts`).
 
     Raises:
         ConfigError: when the parts' vocabularies or label names differ.
@@ -411,5 +457,17 @@ def concat_corpora(parts: list[PatientCorpus]) -> PatientCorpus:
         visit_start=stack("visit_start"), sex=stack("sex"), birth_year=stack("birth_year"),
         age_at_first_visit=stack("age_at_first_visit"), death=stack("death"), labels=stack("labels"),
         label_names=first.label_names, split=stack("split"), stats=dict(first.stats),
-        vocab=Vocabulary(first.vocab.codes, np.bincount(stack("codes"), minlength=len(first.vocab)).astype(np.int64)),
+        vocab=Vocabulary(first.vocab.codes, train_code_counts(offsets("visit_offsets"), offsets("code_offsets"),
+                                                              stack("codes"), stack("split"), len(first.vocab))),
     )
+
+
+def train_code_counts(visit_offsets: np.ndarray, code_offsets: np.ndarray, codes: np.ndarray, split: np.ndarray,
+                      n_codes: int) -> np.ndarray:
+    """(n_codes,) int64 visits holding each code among training patients (split 0): a vocabulary's counts.
+
+    Split-first, nothing held out is counted; synthetic corpora are all split 0, so they count every visit.
+    """
+    on_train = np.repeat(np.asarray(split) == 0, np.diff(np.asarray(visit_offsets)))  # (V,)
+    on_train = np.repeat(on_train, np.diff(np.asarray(code_offsets)))  # (N,)
+    return np.bincount(np.asarray(codes)[on_train], minlength=n_codes).astype(np.int64)

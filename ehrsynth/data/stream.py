@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ehrsynth.data.corpus import ARRAY_NAMES, FORMAT_NAME, FORMAT_VERSION, PatientCorpus
+from ehrsynth.data.corpus import ARRAY_NAMES, FORMAT_NAME, FORMAT_VERSION, PatientCorpus, train_code_counts
 from ehrsynth.errors import ConfigError
 from ehrsynth.outputs import absolute, scratch_directory, staged_output
 
@@ -69,7 +69,8 @@ def _merge(parts: list[Path], out: Path) -> None:
         target.flush()
         del target
     codes = np.load(out / "codes.npy", mmap_mode="r")
-    counts = np.bincount(codes, minlength=first.vocab_size).astype(np.int64)  # visits holding each code
+    counts = train_code_counts(*(np.load(out / f"{name}.npy", mmap_mode="r") for name in _OFFSETS), codes,
+                               np.load(out / "split.npy"), first.vocab_size)
     pl.DataFrame({"code": list(first.vocab.codes), "count": counts}).write_parquet(out / "vocab.parquet")
     n_patients = sum(p.n_patients for p in loaded)
     n_visits = sum(p.n_visits for p in loaded)

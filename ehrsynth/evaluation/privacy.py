@@ -27,6 +27,9 @@ from ehrsynth.evaluation.features import (
 )
 
 
+NAN = float("nan")
+
+
 def _check_three(train: PatientCorpus, holdout: PatientCorpus, synthetic: PatientCorpus, minimum: int = 1) -> None:
     check_corpus("train", train, minimum=minimum)
     check_corpus("holdout", holdout, minimum=minimum)
@@ -57,6 +60,7 @@ class DistanceMembership(MetricResult):
         n_members, n_nonmembers: attacked patients of each kind (equal).
         n_synthetic: synthetic records searched.
         n, seed: the parameters.
+        not_applicable: why the attack could not run (its numbers are then None), else None.
     """
 
     metric = "privacy.membership_distance"
@@ -73,6 +77,7 @@ class DistanceMembership(MetricResult):
     n_synthetic: int
     n: int | None
     seed: int
+    not_applicable: str | None = None
 
 
 def distance_membership_inference(train: PatientCorpus, holdout: PatientCorpus, synthetic: PatientCorpus, *,
@@ -116,6 +121,7 @@ class LikelihoodMembership(MetricResult):
         median_loglik: the threshold.
         n_members, n_nonmembers: patients used (equal).
         seed: the parameter (used only when the two arrays differ in length).
+        not_applicable: why the attack could not run (its numbers are then None), else None.
     """
 
     metric = "privacy.membership_likelihood"
@@ -125,9 +131,10 @@ class LikelihoodMembership(MetricResult):
     recall: float
     f1: float
     median_loglik: float
-    n_members: int
-    n_nonmembers: int
+    n_members: int | None
+    n_nonmembers: int | None
     seed: int
+    not_applicable: str | None = None
 
 
 def likelihood_membership_inference(member_loglik: np.ndarray, nonmember_loglik: np.ndarray, *,
@@ -177,6 +184,7 @@ class AttributeInference(MetricResult):
         labels_used: labels the attacker knows (those present in all three corpora).
         n_attacked: attacked training patients.
         top_k, n, seed: the parameters.
+        not_applicable: why the attack could not run (its numbers are then None), else None.
     """
 
     metric = "privacy.attribute_inference"
@@ -192,6 +200,7 @@ class AttributeInference(MetricResult):
     top_k: int
     n: int | None
     seed: int
+    not_applicable: str | None = None
 
 
 def attribute_inference(train: PatientCorpus, holdout: PatientCorpus, synthetic: PatientCorpus, *,
@@ -219,6 +228,12 @@ def attribute_inference(train: PatientCorpus, holdout: PatientCorpus, synthetic:
     labels = tuple(name for name in train.label_names
                    if name in holdout.label_names and name in synthetic.label_names)
     attacked = sample_rows(train.n_patients, n if n is not None else train.n_patients, rng)
+    if len(hidden) == 0 or len(known) + len(labels) == 0:
+        reason = (f"nothing is hidden: all {len(aligned.codes)} codes are among the top {top_k} the attacker "
+                  "knows" if len(hidden) == 0 else "the attacker knows no code and no label")
+        return AttributeInference(f1=NAN, precision=NAN, recall=NAN, baseline_f1=NAN, baseline_precision=NAN,
+                                  baseline_recall=NAN, known_codes=len(known), labels_used=labels,
+                                  n_attacked=len(attacked), top_k=top_k, n=n, seed=seed, not_applicable=reason)
 
     def features(corpus: PatientCorpus, matrix: sp.csr_matrix, rows: np.ndarray | slice) -> sp.csr_matrix:
         label_columns = [corpus.label_names.index(name) for name in labels]
@@ -252,6 +267,7 @@ class NearestNeighbourAdversarialAccuracy(MetricResult):
         nnaar: the privacy risk aa_test - aa_train (about 0 is good; large = the generator overfits train).
         n_per_set: records drawn from each of train, holdout and synthetic.
         n, seed: the parameters.
+        not_applicable: why the attack could not run (its numbers are then None), else None.
     """
 
     metric = "privacy.nnaa"
@@ -261,6 +277,7 @@ class NearestNeighbourAdversarialAccuracy(MetricResult):
     n_per_set: int
     n: int | None
     seed: int
+    not_applicable: str | None = None
 
 
 def nearest_neighbour_adversarial_accuracy(train: PatientCorpus, holdout: PatientCorpus, synthetic: PatientCorpus,
@@ -310,6 +327,7 @@ class DistanceToClosestRecord(MetricResult):
         n_reference: records drawn from each of train and holdout (equal, so 0.5 is the ideal).
         n_synthetic: synthetic records scored.
         n, seed: the parameters.
+        not_applicable: why the attack could not run (its numbers are then None), else None.
     """
 
     metric = "privacy.dcr"
@@ -321,6 +339,7 @@ class DistanceToClosestRecord(MetricResult):
     n_synthetic: int
     n: int | None
     seed: int
+    not_applicable: str | None = None
 
 
 def distance_to_closest_record(train: PatientCorpus, holdout: PatientCorpus, synthetic: PatientCorpus, *,
@@ -357,6 +376,7 @@ class ExactCopies(MetricResult):
         holdout_copy_rate: share of holdout records identical to some training record: the rate a fresh real
             patient reaches by chance, the baseline for copy_rate.
         n_synthetic, n_holdout, n_train: set sizes (no subsampling).
+        not_applicable: why the attack could not run (its numbers are then None), else None.
     """
 
     metric = "privacy.exact_copies"
@@ -365,6 +385,7 @@ class ExactCopies(MetricResult):
     n_synthetic: int
     n_holdout: int
     n_train: int
+    not_applicable: str | None = None
 
 
 def exact_copies(train: PatientCorpus, holdout: PatientCorpus, synthetic: PatientCorpus) -> ExactCopies:

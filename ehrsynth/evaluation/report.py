@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from ehrsynth.data.corpus import PatientCorpus
-from ehrsynth.evaluation import fidelity, privacy, utility
+from ehrsynth.data.build import PROFILE_MIN_PATIENTS
+from ehrsynth.evaluation import fidelity, privacy, privacy_risk, utility
 from ehrsynth.outputs import staged_output
 
 HEADLINES = (
@@ -37,6 +38,15 @@ HEADLINES = (
     ("privacy", "DCR share closer to train", ("dcr", "share_closer_to_train"), "0.5 is ideal"),
     ("privacy", "Exact-copy rate (synthetic)", ("exact_copies", "copy_rate"), "compare with the holdout rate"),
     ("privacy", "Exact-copy rate (holdout baseline)", ("exact_copies", "holdout_copy_rate"), "reference"),
+    ("privacy", "Rare-code exposure (share of synthetic records)", ("rare_code_exposure", "share_records"),
+     "0 is ideal"),
+    ("privacy", "DOMIAS membership AUROC (density ratio)", ("membership_domias", "auroc"), "0.5 means no leakage"),
+    ("privacy", "Likelihood membership AUROC (per code)", ("likelihood_membership_per_code", "auroc"),
+     "0.5 means no leakage"),
+    ("privacy", "Most exposed: share of training records above holdout p99", ("most_exposed", "max_exposed_share"),
+     "about 0.01 means no leakage"),
+    ("privacy", "Differential privacy: epsilon spent", ("differential_privacy", "epsilon_spent"),
+     "lower is more private; n/a: not DP-trained"),
 )
 
 
@@ -48,6 +58,7 @@ def evaluate(
     patient_log_likelihood: Callable[[PatientCorpus], np.ndarray] | None = None,
     seed: int = 0,
     privacy_n: int | None = 2000,
+    rare_k: int = PROFILE_MIN_PATIENTS["release"],
 ) -> dict[str, Any]:
     """Every metric of docs/metrics.md for ``synthetic`` against real ``train`` (members) and ``test`` (holdout).
 
@@ -57,6 +68,7 @@ def evaluate(
         patient_log_likelihood: the model's per-patient log-likelihood, enabling the likelihood attack.
         seed: seed of every sampled metric.
         privacy_n: cap on patients per set for the distance-based privacy metrics (None: all).
+        rare_k: a code fewer than this many training patients have is rare (rare-code exposure).
 
     Returns:
         ``{name: result.as_dict()}`` plus a ``"_meta"`` entry with sizes, seed and timings.
@@ -87,15 +99,48 @@ def evaluate(
                                                                       seed=seed)),
         "exact_copies": timed("exact_copies", lambda: privacy.exact_copies(train, test, synthetic)),
     }
-    if patient_log_likelihood is not None:
-        results["likelihood_membership"] = timed("likelihood_membership", lambda: (
-            privacy.likelihood_membership_inference(patient_log_likelihood(train), patient_log_likelihood(test),
-                                                    seed=seed)))
+    results["rare_code_exposure"] = timed("rare_code_exposure", lambda: privacy_risk.rare_code_exposure(
+        train, synthetic, k=rare_k))
+    results["membership_domias"] = timed("membership_domias", lambda: privacy_risk.domias_membership(
+        train, test, synthetic, n=privacy_n, seed=seed))
+    results.update(timed("likelihood_membership", lambda: _likelihood_attacks(
+        train, test, patient_log_likelihood, privacy_n=privacy_n, seed=seed)))
+    scored = {k: r for k, r in results.items() if isinstance(r, privacy_risk.ScoreMembership)}
+    results["most_exposed"] = privacy_risk.most_exposed_records(scored)
     out = {name: result.as_dict() for name, result in results.items()}
     out["_meta"] = {"train_patients": train.n_patients, "test_patients": test.n_patients,
                     "synthetic_patients": synthetic.n_patients, "seed": seed, "privacy_n": privacy_n,
                     "seconds": timings}
     return out
+
+
+def _likelihood_attacks(train: PatientCorpus, test: PatientCorpus,
+                        patient_log_likelihood: Callable[[PatientCorpus], np.ndarray] | None, *,
+                        privacy_n: int | None, seed: int) -> dict[str, Any]:
+    """The attacks on the model's own likelihood: raw, per code, per visit and reference-calibrated; each
+    reports "not applicable" when there is no likelihood (EHRDiff, or no model given)."""
+    names = ("likelihood_membership_per_code", "likelihood_membership_per_visit",
+             "likelihood_membership_calibrated")
+    classes = (privacy_risk.PerCodeLikelihoodMembership, privacy_risk.PerVisitLikelihoodMembership,
+               privacy_risk.CalibratedLikelihoodMembership)
+    if patient_log_likelihood is None:
+        reason = "no model likelihood: the generator is not a likelihood model (EHRDiff) or no model was given"
+        out: dict[str, Any] = {name: cls.unavailable(reason, seed=seed) for name, cls in zip(names, classes)}
+        out["likelihood_membership"] = privacy.LikelihoodMembership(
+            auroc=float("nan"), accuracy=float("nan"), precision=float("nan"), recall=float("nan"),
+            f1=float("nan"), median_loglik=float("nan"), n_members=None, n_nonmembers=None, seed=seed,
+            not_applicable=reason)
+        return out
+    member, nonmember = patient_log_likelihood(train), patient_log_likelihood(test)
+    return {
+        "likelihood_membership": privacy.likelihood_membership_inference(member, nonmember, seed=seed),
+        names[0]: privacy_risk.normalised_likelihood_membership(train, test, member, nonmember, unit="code",
+                                                                n=privacy_n, seed=seed),
+        names[1]: privacy_risk.normalised_likelihood_membership(train, test, member, nonmember, unit="visit",
+                                                                n=privacy_n, seed=seed),
+        names[2]: privacy_risk.calibrated_likelihood_membership(train, test, member, nonmember, n=privacy_n,
+                                                                seed=seed),
+    }
 
 
 def headline(metrics: dict[str, Any]) -> list[tuple[str, str, float | None, str]]:
@@ -213,10 +258,16 @@ def _html(title: str, metrics: dict[str, Any], figures: dict[str, str]) -> str:
     meta = metrics["_meta"]
     headline_rows = [[s, label, value, reading] for s, label, value, reading in headline(metrics)]
     privacy_rows = []
-    for key in ("membership", "likelihood_membership", "attribute", "nnaa", "dcr", "exact_copies"):
+    for key in ("membership", "likelihood_membership", "likelihood_membership_per_code",
+                "likelihood_membership_per_visit", "likelihood_membership_calibrated", "membership_domias",
+                "most_exposed", "rare_code_exposure", "attribute", "nnaa", "dcr", "exact_copies",
+                "differential_privacy"):
         if key in metrics:
             for name, value in metrics[key].items():
-                if name != "metric" and isinstance(value, (int, float)) or value is None:
+                if name == "not_applicable":
+                    if value:
+                        privacy_rows.append([metrics[key]["metric"], "not applicable", value])
+                elif name != "metric" and isinstance(value, (int, float)) or value is None:
                     privacy_rows.append([metrics[key]["metric"], name, value])
     fidelity_rows = []
     for key in ("prevalence", "cmd", "mmd", "structure", "detection"):

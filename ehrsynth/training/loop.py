@@ -42,6 +42,7 @@ from ehrsynth.errors import ConfigError, InputError
 from ehrsynth.models.base import GenerativeModel
 from ehrsynth.models.io import atomic_write_text, config_to_dict
 from ehrsynth.training import distributed as dist
+from ehrsynth.training import dp
 from ehrsynth.training.checkpoint import cut_metrics, latest_step, load_checkpoint, save_checkpoint
 from ehrsynth.training.validation import append_jsonl, evaluate_loss, to_device, validate_and_keep_best
 
@@ -83,6 +84,8 @@ class TrainConfig:
         seed: seed of the epoch order, initialisation and any noise the model draws.
         device: ``'auto'`` (CUDA when available), ``'cpu'`` or ``'cuda'``.
         compile: wrap the model in ``torch.compile``.
+        dp_epsilon, dp_delta, dp_max_grad_norm: DP-SGD with the patient as privacy unit (None: off; see
+            :mod:`ehrsynth.training.dp`); delta None is 1 / N^1.1.
     """
 
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -105,6 +108,9 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -275,6 +281,8 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
         planned = min(planned, config.max_steps)
     eval_every = config.eval_every or max(steps_per_epoch, MIN_EVAL_EVERY)
     use_amp = device.type == "cuda"
+    # ---- DP hook (training/dp.py): None unless config.dp_epsilon; the accountant's state lives in state["dp"]
+    private = dp.start(config, train_corpus.n_patients, planned, state, world.size)
     history: list[dict[str, Any]] = []
     running = torch.zeros((), device=device)
     running_count = 0
@@ -301,9 +309,14 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = wrapped(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if private is not None:  # ---- DP hook: a per-patient clipped, noised gradient replaces backward()
+                if not dp.private_backward(private, model, train_view, state):
+                    state["stopped_early"] = True  # the next step would spend more than --dp-epsilon
+                    break
+            else:
+                loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             if ema is not None:  # EDM-style ramp: a short run does not keep mostly its initial weights
                 decay = min(config.ema_decay, (1 + state["step"]) / (10 + state["step"]))

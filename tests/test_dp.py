@@ -1,0 +1,122 @@
+"""DP-SGD mechanics: per-patient clipping, seeded noise, the RDP accountant and its resumable state
+(ehrsynth/training/dp.py; the loop does not call it yet)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ehrsynth.errors import ConfigError
+from ehrsynth.models.halo.model import HaloConfig, HaloModel
+from ehrsynth.training import dp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(mimic3_corpus):
+    train = mimic3_corpus.part("train")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = HaloModel.from_corpus(train, HaloConfig(n_layer=1, n_head=2, n_embd=16, n_ctx=20))
+    return model, train
+
+
+def _one_patient_gradient(model, corpus, patient: int) -> list[torch.Tensor]:
+    model.zero_grad()
+    model.loss(model.collate(corpus, np.array([patient]))).backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_clipped_sum_equals_gradients_one_patient_at_a_time(setup):
+    model, train = setup
+    patients = np.array([0, 17, 40])
+    singles = [_one_patient_gradient(model, train, p) for p in patients]
+    norms = [float(torch.sqrt(sum(g.pow(2).sum() for g in grads))) for grads in singles]
+    for bound in (1e6, 0.5 * min(norms)):  # no clipping, then every patient clipped
+        total, got_norms = dp.clipped_gradient_sum(model, train, patients, bound)
+        np.testing.assert_allclose(got_norms, norms, rtol=1e-5)
+        for k, t in enumerate(total):
+            expected = sum(g[k] * min(1.0, bound / n) for g, n in zip(singles, norms))
+            torch.testing.assert_close(t, expected, atol=1e-5, rtol=1e-5)
+    assert float(torch.sqrt(sum(t.pow(2).sum() for t in total))) <= 3 * 0.5 * min(norms) + 1e-5
+
+
+def test_noise_comes_from_the_passed_generator(setup):
+    model, train = setup
+    config = dp.DPConfig(epsilon=10.0, max_grad_norm=1.0)
+
+    def step(seed: int) -> list[torch.Tensor]:
+        accountant = dp.PrivacyAccountant(q=0.2, noise_multiplier=1.0, delta=1e-3)
+        assert dp.dp_step(model, train, 8, config, accountant, torch.Generator().manual_seed(seed))  # 8 patients
+        assert accountant.steps == 1
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    a, b, c = step(1), step(1), step(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_accountant_matches_the_library_and_resumes():
+    from dp_accounting import dp_event, rdp
+
+    library = rdp.RdpAccountant()
+    library.compose(dp_event.PoissonSampledDpEvent(0.01, dp_event.GaussianDpEvent(1.1)), 1000)
+    accountant = dp.PrivacyAccountant(q=0.01, noise_multiplier=1.1, delta=1e-5)
+    for _ in range(1000):
+        accountant.step()
+    assert accountant.epsilon() == pytest.approx(library.get_epsilon(1e-5), abs=1e-12)
+    assert accountant.epsilon() == pytest.approx(1.7118, abs=1e-3)  # Abadi et al.'s MNIST setting, RDP bound
+    resumed = dp.PrivacyAccountant.from_state_dict(accountant.state_dict())
+    assert resumed.steps == 1000 and resumed.epsilon() == accountant.epsilon()
+    sigma = dp.noise_multiplier_for(2.0, 1e-5, 0.01, 1000, tolerance=0.01)
+    assert dp.rdp_epsilon(0.01, sigma, 1000, 1e-5) <= 2.0 < dp.rdp_epsilon(0.01, sigma - 0.02, 1000, 1e-5)
+    assert dp.default_delta(1000) == pytest.approx(1000 ** -1.1)
+
+
+def test_budget_is_never_exceeded(setup):
+    model, train = setup
+    config = dp.DPConfig(epsilon=1.0)
+    spent = dp.PrivacyAccountant(q=0.5, noise_multiplier=0.8, delta=1e-3)
+    while spent.epsilon(spent.steps + 1) <= 1.0:
+        spent.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    assert dp.dp_step(model, train, train.n_patients, config, spent, torch.Generator().manual_seed(0)) is None
+    assert spent.epsilon() <= 1.0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ConfigError, match="--dp-epsilon"):
+        dp.DPConfig(epsilon=0)
+    with pytest.raises(ConfigError, match="cannot be met"):
+        dp.noise_multiplier_for(0.01, 1e-5, 1.0, 10_000)
+
+
+def test_training_loop_hook_spends_and_resumes(mimic3_corpus, tmp_path):
+    """train_model with dp_epsilon: epsilon spent lands in model.json, never above the target; a resumed run
+    keeps the saved account (its noise is not re-planned) and refuses the step that would exceed the target."""
+    import json
+
+    from ehrsynth.pipeline import train_model
+
+    tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_ctx": 20}
+    options = {"batch_size": 4, "max_steps": 4, "eval_every": 2, "checkpoint_every": 2, "dp_epsilon": 8.0,
+               "device": "cpu", "seed": 3}
+    whole = train_model("halo", mimic3_corpus, tmp_path / "a", model_options=tiny, training_options=options,
+                        progress=False)
+    assert whole.steps == 4
+    spent = json.loads((tmp_path / "a" / "model" / "model.json").read_text())["meta"]["extra"]["dp"]
+    assert spent["privacy_unit"] == "patient" and spent["steps"] in (2, 4)  # the best validated model's step
+    assert 0 < spent["epsilon_spent"] <= 8.0 and spent["sampling_rate"] == pytest.approx(4 / 72)
+    train_model("halo", mimic3_corpus, tmp_path / "b", model_options=tiny,
+                training_options={**options, "max_steps": 2}, progress=False)
+    loop = json.loads((tmp_path / "b" / "checkpoint" / "loop.json").read_text())
+    assert loop["dp"]["steps"] == 2
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["training"]["max_steps"] = 4
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    again = train_model("halo", mimic3_corpus, tmp_path / "b", model_options=tiny, training_options=options,
+                        resume=True, progress=False)
+    resumed = json.loads((tmp_path / "b" / "checkpoint" / "loop.json").read_text())["dp"]
+    assert resumed == loop["dp"]  # the noise was planned to spend epsilon 8 in 2 steps: a third would exceed it
+    assert again.steps == 2 and again.stopped_early
+    assert resumed["noise_multiplier"] < json.loads((tmp_path / "a" / "checkpoint" / "loop.json").read_text())[
+        "dp"]["noise_multiplier"]  # 4 planned steps need more noise than 2
