@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ehrsynth.data.corpus import SEX_NAMES, PatientCorpus
+from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.errors import ConfigError
+from ehrsynth.models.conditions import Conditions
 from ehrsynth.models.halo.encoding import FIRST_VISIT, STATIC, VISIT, ColumnLayout, bin_index, decode_records
 from ehrsynth.models.halo.network import FineWeights, fine_weights
 
@@ -108,44 +109,35 @@ def closing_positions(layout: ColumnLayout) -> np.ndarray:
 
 
 def parse_conditions(layout: ColumnLayout, conditions: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Static-row conditions -> ((C,) columns forced to 1, (C,) columns forced to 0).
-
-    Keys: ``"label:<name>"`` (or the bare label name) with "0"/"1"; ``"sex"`` with "F"/"M"; ``"age"`` with an
-    age in years (its bucket is fixed).
+    """Static-row conditions (:class:`~ehrsynth.models.conditions.Conditions`) -> ((C,) columns forced to 1,
+    (C,) columns forced to 0). Keys: labels "0"/"1", ``"sex"`` "F"/"M", ``"age"`` in years (fixes its bucket).
 
     Raises:
-        ConfigError: for a key the model does not model, or a bad value (both shown).
+        ConfigError: for a key the model does not model, a bad value, or conflicting values (all shown).
     """
+    parsed = Conditions.parse(conditions, labels=layout.label_names, sex=layout.sex, age=bool(layout.age_edges))
     ones = np.zeros(layout.n_columns, dtype=bool)
     zeros = np.zeros(layout.n_columns, dtype=bool)
-    allowed = [f"label:{n}" for n in layout.label_names] + (["sex"] if layout.sex else []) + \
-        (["age"] if layout.age_edges else [])
-    for key, value in (conditions or {}).items():
-        name = key[len("label:"):] if key.startswith("label:") else key
-        text = str(value).strip()
-        if name in layout.label_names:
-            if text.lower() not in ("0", "1", "true", "false"):
-                raise ConfigError(f"condition {key!r} must be '0' or '1', got {value!r}")
-            column = layout.label_start + layout.label_names.index(name)
-            (ones if text.lower() in ("1", "true") else zeros)[column] = True
-        elif key == "sex" and layout.sex:
-            if text.upper() not in SEX_NAMES:
-                raise ConfigError(f"condition 'sex' must be one of {list(SEX_NAMES)!r}, got {value!r}")
-            zeros[layout.sex_start:layout.age_start] = True
-            ones[layout.sex_start + SEX_NAMES.index(text.upper())] = True
-        elif key == "age" and layout.age_edges:
-            try:
-                years = float(text)
-            except ValueError:
-                raise ConfigError(f"condition 'age' must be a number of years, got {value!r}") from None
-            if not np.isfinite(years):
-                raise ConfigError(f"condition 'age' must be a finite number of years, got {value!r}")
-            zeros[layout.age_start:layout.gap_start] = True
-            ones[layout.age_start + int(bin_index(np.array([years]), layout.age_edges)[0])] = True
-        else:
-            raise ConfigError(f"unknown condition {key!r}; this model conditions on {allowed!r}")
+    for name, bit in parsed.labels.items():
+        (ones if bit else zeros)[layout.label_start + layout.label_names.index(name)] = True
+    if parsed.sex is not None:
+        zeros[layout.sex_start:layout.age_start] = True
+        ones[layout.sex_start + parsed.sex] = True
+    if parsed.age is not None:
+        zeros[layout.age_start:layout.gap_start] = True
+        ones[layout.age_start + int(bin_index(np.array([parsed.age]), layout.age_edges)[0])] = True
     zeros &= ~ones
     return ones, zeros
+
+
+def stick_breaking(log_probs: torch.Tensor, log_rest: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, K) log(1 - p_k) of the chain of Bernoullis that draws the categorical ``log_probs`` (n, K) -- plus
+    an outcome "none of them" of log-probability ``log_rest`` (n,), when given -- as "first 1 at k": p_k is
+    the probability of k given that none before it was chosen. Without a rest the last is certain (-inf)."""
+    rest = torch.full_like(log_probs[:, :1], float("-inf")) if log_rest is None else log_rest[:, None]
+    tails = torch.logcumsumexp(torch.cat([log_probs, rest], 1).flip(1), dim=1).flip(1)  # (n, K+1) P(>= k)
+    keep = tails[:, 1:] - tails[:, :-1]
+    return torch.where(torch.isinf(log_probs) & (log_probs < 0), 0.0, keep)  # an impossible outcome: skipped
 
 
 def sample_row(
@@ -157,6 +149,8 @@ def sample_row(
     close_to: torch.Tensor,
     end: int,
     keys: np.ndarray,
+    blocks: list[tuple[int, int]],
+    first: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Exact per-record sampling of one row of every record (see the module docstring). Everything here is
     indexed by fine-order position (:attr:`~.encoding.ColumnLayout.order`), not by column.
@@ -170,6 +164,9 @@ def sample_row(
             ``close_to[j]``; ``close_to[C] = C`` closes a finished row.
         end: the end token's position (a 1 before it, when it comes last, rules it out).
         keys: (b,) uint64 random streams of the records' rows (:func:`stream_keys`).
+        blocks: fine-order spans of the categorical groups (one softmax each).
+        first: (b, V + 2) log-probabilities of a visit row's first step {end (position 0), codes (positions
+            1..V), no code}, or None for the static row.
 
     Returns:
         ((b, C) float32 sampled row in fine order, number of fine passes).
@@ -181,9 +178,11 @@ def sample_row(
     any_pending = pending.any(0).nonzero()
     hi = int(any_pending.max()) + 1 if len(any_pending) else 0  # no position from hi on is decided here
     cols = torch.cat([weights.cols, weights.cols.new_zeros(1, weights.cols.shape[1])])  # (C+1, H), row C = 0
+    direct = None if weights.direct is None else torch.cat([weights.direct, weights.direct.new_zeros(1, C)])
     # the state of the records still sampling (a of them), compacted as they finish
     rows = torch.arange(b, device=device)  # their batch rows
     z1 = torch.addmm(weights.bias1, h, weights.hist)  # (a, H): layer 1 with every column at 0
+    zd = None if direct is None else h.new_zeros(b, C)  # (a, C): direct terms of the ones fixed so far
     pending = pending.clone()
     must = None if must is None else must.clone()
     cursor = torch.zeros(b, dtype=torch.long, device=device)
@@ -192,13 +191,24 @@ def sample_row(
         live = pending.any(1)  # records with a position left to decide
         if not bool(live.all()):
             rows, z1, pending, cursor = rows[live], z1[live], pending[live], cursor[live]
+            zd = None if zd is None else zd[live]
             keys = keys[live.cpu().numpy()]
             must = None if must is None else must[live]
+            first = None if first is None else first[live]
         if len(rows) == 0:
             break
         lo = int(cursor.min())
         logits = torch.addmm(weights.bias2[lo:hi], torch.relu(z1), weights.out[:, lo:hi])  # (a, hi-lo)
-        log_keep = torch.where(pending[:, lo:hi], F.logsigmoid(-logits), 0.0)  # log(1 - p_j), undecided j
+        if zd is not None:
+            logits = logits + zd[:, lo:hi]
+        log_keep = F.logsigmoid(-logits)  # log(1 - p_j): the Bernoulli chain
+        for a, z in blocks:  # a categorical group as the chain that draws it (its logits see nothing of it)
+            if a >= lo and z <= hi:
+                log_keep[:, a - lo:z - lo] = stick_breaking(torch.log_softmax(logits[:, a - lo:z - lo], 1))
+        if passes == 0 and first is not None:  # a visit row's first step: {end, codes} with "no code" the rest
+            V = first.shape[1] - 2
+            log_keep[:, :V + 1] = stick_breaking(first[:, :V + 1], first[:, V + 1])
+        log_keep = torch.where(pending[:, lo:hi], log_keep, 0.0)  # undecided positions only
         if must is not None:
             log_keep = log_keep.masked_fill(must[:, lo:hi], float("-inf"))
         survival = torch.cumsum(log_keep, dim=1, dtype=torch.float64)  # log P(no 1 in lo..j)
@@ -209,6 +219,8 @@ def sample_row(
         j = torch.where(hit, j, C)
         x[(rows * C + j)[hit]] = 1.0
         z1 += cols[j]  # fixing x_j = 1 adds position j's first-layer weights (row C adds nothing)
+        if zd is not None:
+            zd += direct[j]
         cursor = j + 1
         pending &= columns[None, :] > close_to[j][:, None]  # decided: up to j, or to the end of j's group
         pending[:, end] &= ~hit  # a row with a 1 is a visit, not the end row (a no-op when the end comes first)
@@ -242,6 +254,7 @@ def sample_batch(
     close_to = torch.as_tensor(closing_positions(layout), device=device)
     order, rank = weights.order.to(device), torch.as_tensor(layout.rank, device=device)
     end = int(rank[layout.end])  # the end token's fine-order position
+    blocks = [(int(layout.rank[a]), int(layout.rank[b - 1]) + 1) for a, b in layout.group_spans()]
     forced_one = forced_zero = None
     if forced is not None and forced[0].any() | forced[1].any():
         forced_one, forced_zero = (torch.as_tensor(f, device=device) for f in forced)
@@ -263,12 +276,19 @@ def sample_batch(
         ids = patients[alive.cpu().numpy()]  # global patient indices of the unfinished records
         pending = pending[:, order]  # columns -> fine-order positions
         must = None if must is None else must[:, order]
+        first = None
+        if kind != STATIC:  # the first step's categorical {end, codes, no code}, masked to what is valid
+            allowed = torch.ones(len(alive), layout.n_first, dtype=torch.bool, device=device)
+            allowed[:, 0] = pending[:, end]
+            allowed[:, -1] = layout.empty_visits
+            first = torch.addmm(weights.first_bias, h, weights.first).masked_fill(~allowed, float("-inf"))
+            first = torch.log_softmax(first, dim=1)  # (a, V + 2)
         if kind == STATIC and forced_one is not None and condition == "posterior":
             sampled, passes = _posterior_static_row(weights, h, pending, forced_one[order], forced_zero[order],
-                                                    close_to, end, key, ids, n_ctx)
+                                                    close_to, end, key, ids, n_ctx, blocks)
         else:
             sampled, passes = sample_row(weights, h, pending, must=must, close_to=close_to, end=end,
-                                         keys=stream_keys(key, ids, row))
+                                         keys=stream_keys(key, ids, row), blocks=blocks, first=first)
         sampled = sampled[:, rank]  # fine-order positions -> columns
         if counts is not None and kind != STATIC:
             counts.passes += passes
@@ -292,7 +312,8 @@ def sample_batch(
     return n_visits, patient, rows, column
 
 
-def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to, end, key, patients, n_ctx):
+def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to, end, key, patients, n_ctx,
+                          blocks):
     """Static rows drawn until each matches the conditions; attempt a of a record uses its own random stream
     (row index 1 + a * n_ctx, never a visit row's), so a record's result does not depend on the others."""
     b, C = pending.shape
@@ -301,7 +322,8 @@ def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to
     passes = 0
     for attempt in range(MAX_ATTEMPTS):
         keys = stream_keys(key, patients[todo.cpu().numpy()], 1 + attempt * n_ctx)
-        rows, n = sample_row(weights, h[todo], pending[todo], must=None, close_to=close_to, end=end, keys=keys)
+        rows, n = sample_row(weights, h[todo], pending[todo], must=None, close_to=close_to, end=end, keys=keys,
+                             blocks=blocks)
         passes += n
         ok = rows[:, forced_one].all(1) & ~rows[:, forced_zero].bool().any(1)
         out[todo[ok]] = rows[ok]
