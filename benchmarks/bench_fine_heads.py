@@ -1,7 +1,7 @@
 """HALO fine heads compared on real data: held-out likelihood and the structure of generated records.
 
     python benchmarks/bench_fine_heads.py [--heads made made_direct] [--data gibleed mimic3] [--seeds 0 1]
-                                          [--steps 600] [--threads 1]
+                                          [--steps 400] [--n-ctx 12] [--threads 1]
 
 For each data set (the bundled OMOP GiBleed demo, about 1 code per visit; the MIMIC-III demo, about 13) and
 each fine head, the small config is trained with the shared loop (Adam 1e-3, cosine, batch 32, ``--steps``,
@@ -31,17 +31,17 @@ DATA = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "data"
             Path("/work/shared/data"))
 
 
-def load(name: str):
+def load(name: str, max_visits: int):
     from ehrsynth.data.build import BuildOptions
 
     if name == "gibleed":
         from ehrsynth.data.readers.omop import read_omop
         from ehrsynth.demo_data import demo_directory
 
-        return read_omop(demo_directory(), options=BuildOptions(max_visits=45, seed=0))
+        return read_omop(demo_directory(), options=BuildOptions(max_visits=max_visits, seed=0))
     from ehrsynth.data.readers.mimic3 import read_mimic3
 
-    return read_mimic3(DATA / "mimic-iii-demo", options=BuildOptions(seed=0))
+    return read_mimic3(DATA / "mimic-iii-demo", options=BuildOptions(max_visits=max_visits, seed=0))
 
 
 def tv(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,8 +69,8 @@ def structure(train, synthetic) -> dict[str, float]:
     }
 
 
-def run(corpus, head: str, seed: int, steps: int) -> dict[str, float]:
-    from ehrsynth.models.halo import HaloConfig, HaloModel, log_likelihood
+def run(corpus, head: str, seed: int, steps: int, n_ctx: int) -> dict[str, float]:
+    from ehrsynth.models.halo import HaloConfig, HaloModel
     from ehrsynth.models.io import load_model
     from ehrsynth.training.loop import TrainConfig, train
 
@@ -78,7 +78,7 @@ def run(corpus, head: str, seed: int, steps: int) -> dict[str, float]:
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = HaloModel.from_corpus(train_part, HaloConfig.small(fine_head=head))
+        model = HaloModel.from_corpus(train_part, HaloConfig.small(fine_head=head, n_ctx=n_ctx))
         config = TrainConfig(optimizer="adam", lr=1e-3, batch_size=32, max_steps=steps, max_epochs=10_000,
                              lr_schedule="cosine", eval_every=max(steps // 6, 1), checkpoint_every=10**9,
                              device="cpu", seed=seed)
@@ -87,7 +87,7 @@ def run(corpus, head: str, seed: int, steps: int) -> dict[str, float]:
             train(model, train_part, val_part, config, Path(tmp), progress=False)
             train_s = time.perf_counter() - start
             best = load_model(tmp).eval()
-    ll = log_likelihood(best, test_part)
+    ll = best.log_likelihood(test_part)
     start = time.perf_counter()
     synthetic = best.generate(train_part.n_patients, seed=0)
     sample_s = time.perf_counter() - start
@@ -98,23 +98,25 @@ def run(corpus, head: str, seed: int, steps: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", nargs="+", default=["made", "made_direct"])
+    parser.add_argument("--heads", nargs="+", default=["made", "made_direct", "made_lowrank"])
     parser.add_argument("--data", nargs="+", default=["gibleed", "mimic3"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n-ctx", type=int, default=12, help="rows per record; the corpora keep the last n_ctx - 3 "
+                        "visits (GiBleed averages 23 visits: 12 keeps the benchmark short on a shared CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keys = ["nll_per_code", "nll_per_patient", "empty_visits", "no_sex", "undated", "cpv_tv", "vpp_tv",
             "pair_r", "pair_r2", "train_s", "sample_s"]
     for name in args.data:
-        corpus = load(name)
+        corpus = load(name, args.n_ctx - 3)
         real = structure(corpus.part("train"), corpus.part("test"))
         print(f"\n{name}: {corpus.n_patients} patients; real test vs train: "
               + ", ".join(f"{k} {real[k]:.3f}" for k in ("cpv_tv", "vpp_tv", "pair_r", "pair_r2")), flush=True)
         print(f"{'head':<12}" + "".join(f"{k:>16}" for k in keys))
         for head in args.heads:
-            results = [run(corpus, head, seed, args.steps) for seed in args.seeds]
+            results = [run(corpus, head, seed, args.steps, args.n_ctx) for seed in args.seeds]
             cells = []
             for k in keys:
                 values = np.array([r[k] for r in results])

@@ -41,7 +41,7 @@ def small_model(train_corpus):
 # ---- fine head --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hidden", [None, 7, 40])
 @pytest.mark.parametrize("permuted", [False, True])
-@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("direct", [False, True, "lowrank"])
 def test_fine_logit_k_ignores_columns_from_its_group_on(hidden, permuted, direct):
     """In fine order: the logit of position k has exactly zero gradient wrt the positions from the first of
     its categorical group on (k itself outside a group); the first-step logits see only the history."""
@@ -50,7 +50,8 @@ def test_fine_logit_k_ignores_columns_from_its_group_on(hidden, permuted, direct
     order = torch.randperm(C) if permuted else torch.arange(C)
     group_first = torch.arange(C)
     group_first[8:11] = 8  # positions 8, 9, 10 form one softmax
-    head = FineHead(d, C, hidden, order=order, group_first=group_first, n_first=4, direct=direct)
+    head = FineHead(d, C, hidden, order=order, group_first=group_first, n_first=4, direct=direct is True,
+                    rank=3 if direct == "lowrank" else 0)
     for p in head.parameters():  # make every unmasked weight count
         torch.nn.init.normal_(p)
     h, x = torch.randn(d), torch.rand(C)
@@ -76,6 +77,19 @@ def test_fine_head_parameter_counts():
     assert sum(p.numel() for p in narrow.parameters()) == 20 * W + 20 + C * 20 + C + first
     direct = FineHead(d, C, hidden=20, n_first=32, direct=True)
     assert sum(p.numel() for p in direct.parameters()) == 20 * W + 20 + C * 20 + C + first + C * C
+    lowrank = FineHead(d, C, hidden=20, n_first=32, rank=4)
+    assert sum(p.numel() for p in lowrank.parameters()) == 20 * W + 20 + C * 20 + C + first + 2 * C * 4
+
+
+def test_low_rank_term_is_the_same_by_either_route():
+    """The masked C x C weight (few rows) and the running sums (many rows) give the same logits."""
+    torch.manual_seed(0)
+    head = FineHead(4, 10, 6, rank=3, group_first=torch.tensor([0, 1, 2, 3, 4, 4, 4, 7, 8, 9]))
+    torch.nn.init.normal_(head.prefix_out)
+    x = (torch.rand(2, 10) < 0.5).float()
+    few = head._prefix(x)  # N r = 6 < C: running sums
+    many = head._prefix(x.repeat(5, 1))[:2]  # N r = 30 >= C: one masked weight
+    assert torch.allclose(few, many, atol=1e-6) and few.abs().sum() > 0
 
 
 def test_square_head_is_the_reference_layout():
@@ -228,7 +242,7 @@ def test_loss_is_independent_of_padding(small_model, train_corpus):
         loss = model(batch)
         full = {"ones": batch["ones"], "lengths": batch["lengths"]}
         x = dense_rows(batch["ones"], batch["lengths"], model.layout.n_columns)
-        ll = row_log_likelihood(model.coarse, model.fine, model.layout, model.config.n_ctx, full)
+        ll = row_log_likelihood(model.network, model.layout, full)
         nll, units = model.validation_loss(batch)
     rows = torch.arange(1, x.shape[1])
     scored = rows[None, :] <= batch["lengths"][:, None] + 2

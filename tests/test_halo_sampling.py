@@ -16,7 +16,7 @@ from ehrsynth.data.corpus import PatientCorpus, empty_statics
 from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta
-from ehrsynth.models.halo import HaloConfig, HaloModel, PassCounts, bin_index, log_likelihood, sample, sample_batch
+from ehrsynth.models.halo import HaloConfig, HaloModel, PassCounts, bin_index, sample, sample_batch
 from ehrsynth.models.halo.network import fine_weights
 from ehrsynth.models.io import load_model, save_model
 
@@ -40,7 +40,8 @@ def tiny_model(*, n_codes: int = 4, labels=("y",), sex=False, age=(), gaps=(0.0,
     with torch.no_grad():
         model.coarse.wte.weight.normal_(0, 1.0)
         for p in model.fine.parameters():
-            p.normal_(0, 1.0) if p is getattr(model.fine.direct, "weight", None) else p.mul_(2.5)
+            direct = (getattr(model.fine.direct, "weight", None), model.fine.prefix_out)
+            p.normal_(0, 1.0) if any(p is q for q in direct) else p.mul_(2.5)
     return model.eval()
 
 
@@ -114,7 +115,7 @@ def goodness_of_fit(samples: PatientCorpus, enumerated: PatientCorpus, probs: np
 def tiny():
     model = tiny_model()
     enumerated = enumerate_records(model)
-    probs = np.exp(log_likelihood(model, enumerated, batch_size=4096).patient_log_likelihood)
+    probs = np.exp(model.log_likelihood(enumerated, batch_size=4096).patient_log_likelihood)
     return model, enumerated, probs
 
 
@@ -130,6 +131,7 @@ VARIANTS = {
     "default": {},
     "reference MADE": {"fine_head": "made"},
     "narrow fine head": {"fine_hidden": 6},
+    "low-rank direct": {"fine_head": "made_lowrank", "fine_rank": 3},
     "narrow reference MADE": {"fine_head": "made", "fine_hidden": 6},
     "unknowns, empty visits, no visits": {"sex": True, "n_codes": 3, "sex_unknown": True, "gap_unknown": True,
                                           "empty_visits": True, "zero_visits": True},
@@ -142,7 +144,7 @@ def test_sampler_matches_exact_distribution(tiny, variant):
     if variant != "default":
         model = tiny_model(**VARIANTS[variant])
         enumerated = enumerate_records(model)
-        probs = np.exp(log_likelihood(model, enumerated, batch_size=4096).patient_log_likelihood)
+        probs = np.exp(model.log_likelihood(enumerated, batch_size=4096).patient_log_likelihood)
         assert abs(probs.sum() - 1) < 1e-6
     samples = model.generate(N_SAMPLES, seed=11, batch_size=4096)
     (stat, p), cells = goodness_of_fit(samples, enumerated, probs, model)
@@ -155,7 +157,7 @@ def test_one_hot_groups_and_forced_condition_are_exact():
     everything after sex from its exact conditional, i.e. p(record) / p(F | labels) on records with sex F."""
     model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=3)
     enumerated = enumerate_records(model)
-    probs = np.exp(log_likelihood(model, enumerated, batch_size=4096).patient_log_likelihood)
+    probs = np.exp(model.log_likelihood(enumerated, batch_size=4096).patient_log_likelihood)
     assert abs(probs.sum() - 1) < 1e-6
     female = enumerated.sex == 0
     label = enumerated.labels[:, 0]
@@ -173,7 +175,7 @@ def test_posterior_condition_is_exact():
     """condition="posterior" samples p(record | sex=F, age bucket 1) exactly, whatever the column order."""
     model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=3)
     enumerated = enumerate_records(model)
-    probs = np.exp(log_likelihood(model, enumerated, batch_size=4096).patient_log_likelihood)
+    probs = np.exp(model.log_likelihood(enumerated, batch_size=4096).patient_log_likelihood)
     match = (enumerated.sex == 0) & (enumerated.age_at_first_visit == model.age_years[1])
     posterior = np.where(match, probs, 0.0) / probs[match].sum()
     samples = model.generate(N_SAMPLES // 2, seed=9, batch_size=4096, conditions={"sex": "F", "age": "70"},
@@ -232,7 +234,7 @@ def test_fine_passes_per_row_are_bounded_by_its_fullest_record(mimic_shaped):
     model = mimic_shaped
     counts = PassCounts()
     patients = np.arange(64)
-    n_visits, patient, row, column = sample_batch(model, patients, key=5, weights=fine_weights(model.fine),
+    n_visits, patient, row, column = sample_batch(model.network, model.layout, patients, key=5, weights=fine_weights(model.fine),
                                                   counts=counts)
     ones = Counter(zip(patient.tolist(), row.tolist()))
     for step, passes in enumerate(counts.per_step):
@@ -274,13 +276,13 @@ def test_generated_corpus_contract(mimic_shaped):
             assert np.all(np.diff(out.codes[out.code_offsets[v]:out.code_offsets[v + 1]]) > 0)
     assert out.stats["source"] == "halo" and out.patient_ids[0] == "halo-0"
     with pytest.raises(ConfigError, match="n must be"):
-        sample(mimic_shaped, 0, generator=torch.Generator())
+        sample(mimic_shaped.network, mimic_shaped.layout, mimic_shaped.decoding, 0, generator=torch.Generator())
 
 
 # ---- likelihood ---------------------------------------------------------------------------------------------------
 def test_likelihood_matches_codes_by_typed_string(mimic_shaped, mimic3_corpus):
     test = mimic3_corpus.part("test")
-    base = log_likelihood(mimic_shaped, test)
+    base = mimic_shaped.log_likelihood(test)
     assert base.patient_log_likelihood.shape == (test.n_patients,)
     end_row = base.patient_log_likelihood - base.patient_static_log_likelihood - base.patient_visit_log_likelihood
     assert np.all(end_row < 0) and np.all(base.patient_static_log_likelihood < 0)
@@ -293,15 +295,15 @@ def test_likelihood_matches_codes_by_typed_string(mimic_shaped, mimic3_corpus):
     inverse = np.argsort(order)
     reordered = replace(test, vocab=Vocabulary(tuple(np.array(test.vocab.codes)[order]), test.vocab.counts[order]),
                         codes=inverse[test.codes].astype(np.int32))
-    assert np.allclose(log_likelihood(mimic_shaped, reordered).patient_log_likelihood,
+    assert np.allclose(mimic_shaped.log_likelihood(reordered).patient_log_likelihood,
                        base.patient_log_likelihood, atol=1e-6)
     # a code the model never saw: an error naming it, or dropped and counted
     used = int(test.codes[0])
     renamed = replace(test, vocab=Vocabulary(test.vocab.codes[:used] + ("ICD9CM/NEW",) + test.vocab.codes[used + 1:],
                                              test.vocab.counts))
     with pytest.raises(ConfigError, match="ICD9CM/NEW"):
-        log_likelihood(mimic_shaped, renamed)
-    dropped = log_likelihood(mimic_shaped, renamed, unknown="drop")
+        mimic_shaped.log_likelihood(renamed)
+    dropped = mimic_shaped.log_likelihood(renamed, unknown="drop")
     assert dropped.unknown_codes == ("ICD9CM/NEW",)
     assert dropped.unknown_code_occurrences == int((test.codes == used).sum())
     assert dropped.patient_codes.sum() == test.n_codes - dropped.unknown_code_occurrences
@@ -311,7 +313,7 @@ def test_model_likelihood_helpers(mimic_shaped, mimic3_corpus):
     import json
 
     test = mimic3_corpus.part("test")
-    result = log_likelihood(mimic_shaped, test)
+    result = mimic_shaped.log_likelihood(test)
     assert np.array_equal(mimic_shaped.patient_log_likelihood(test), result.patient_log_likelihood)
     summary = json.loads(json.dumps(mimic_shaped.perplexity(test)))
     assert summary["per_code_perplexity"] == pytest.approx(result.per_code_perplexity)

@@ -57,7 +57,7 @@ def test_generated_records_have_the_corpus_structure(data, fine_head, gibleed, m
     assert np.all(np.isfinite(out.visit_days))  # ... and a gap bin on every later visit: all dated
     # exactly one sex column, one age column and one gap column per row, read off the sampled ones
     layout = model.layout
-    n_visits, patient, row, column = sample_batch(model, np.arange(200), key=3, weights=fine_weights(model.fine))
+    n_visits, patient, row, column = sample_batch(model.network, layout, np.arange(200), key=3, weights=fine_weights(model.fine))
     for a, b in layout.group_spans():
         in_group = (column >= a) & (column < b)
         per_row = Counter(zip(patient[in_group].tolist(), row[in_group].tolist()))

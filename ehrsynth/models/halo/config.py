@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from ehrsynth.errors import ConfigError
 
-FINE_HEADS = ("made", "made_direct")  # the fine heads (network.FineHead)
+FINE_HEADS = ("made", "made_direct", "made_lowrank")  # the fine heads (network.FineHead)
 
 # Lower edges of the inter-visit gap bins in days: [0,1) [1,7) [7,30) [30,90) [90,180) [180,365) [365,730)
 # [730, inf). The last bin is open, so this is the issue's [0,1,7,30,90,180,365,730,inf] without the inf (which
@@ -39,7 +39,9 @@ class HaloConfig:
             the square head's W^2 does not fit.
         fine_head: the fine head's kind (:class:`~.network.FineHead`): ``"made"`` is the reference MADE;
             ``"made_direct"`` adds MADE's direct masked input-to-output connections (C^2 more parameters), so
-            every code's logit has a linear term in every earlier code of its visit.
+            every code's logit has a linear term in every earlier code of its visit; ``"made_lowrank"`` the
+            same connections with a rank-``fine_rank`` weight (2 C r parameters: linear in the vocabulary).
+        fine_rank: rank of the ``"made_lowrank"`` direct term.
         use_labels: put the corpus labels on the static row (the reference's label row).
         use_sex: put sex (an F and an M column; neither when unknown) on the static row.
         age_bucket_edges: lower edges (years, increasing) of the age-at-first-visit buckets on the static row;
@@ -56,7 +58,8 @@ class HaloConfig:
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
     fine_hidden: int | None = None
-    fine_head: Literal["made", "made_direct"] = "made_direct"
+    fine_head: Literal["made", "made_direct", "made_lowrank"] = "made_direct"
+    fine_rank: int = 32
     use_labels: bool = True
     use_sex: bool = True
     age_bucket_edges: tuple[float, ...] = DEFAULT_AGE_EDGES
@@ -82,6 +85,8 @@ class HaloConfig:
                               f"got {self.fine_hidden!r}")
         if self.fine_head not in FINE_HEADS:
             raise ConfigError(f"fine_head must be one of {list(FINE_HEADS)!r}, got {self.fine_head!r}")
+        if not isinstance(self.fine_rank, int) or self.fine_rank < 1:
+            raise ConfigError(f"fine_rank must be a positive integer, got {self.fine_rank!r}")
         for name in ("age_bucket_edges", "gap_bin_edges"):
             edges = getattr(self, name)
             if any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):

@@ -16,7 +16,7 @@ visits, as in training, and counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,10 +27,7 @@ from ehrsynth.errors import ConfigError
 from ehrsynth.models.halo.encoding import (
     FIRST_VISIT, STATIC, UNSCORED, VISIT, ColumnLayout, dense_rows, encode_records, target_row_kinds,
 )
-from ehrsynth.models.halo.network import CoarseTransformer, FineHead
-
-if TYPE_CHECKING:
-    from ehrsynth.models.halo.model import HaloModel
+from ehrsynth.models.halo.network import HaloNetwork
 
 
 @dataclass(frozen=True)
@@ -116,13 +113,12 @@ def factor_log_likelihood(logits: torch.Tensor, first_logits: torch.Tensor, targ
     return torch.where(kinds == UNSCORED, 0.0, total)
 
 
-def row_log_likelihood(coarse: CoarseTransformer, fine: FineHead, layout: ColumnLayout, n_ctx: int,
-                       batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def row_log_likelihood(network: HaloNetwork, layout: ColumnLayout, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T-1) float64 log-likelihood of target rows 1..T-1 of a collated batch (0 for unscored rows)."""
     x = dense_rows(batch["ones"], batch["lengths"], layout.n_columns, n_rows=batch.get("n_rows"))  # (B, T, C)
     B, T, C = x.shape
-    logits, first = fine(coarse(x[:, :-1]), x[:, 1:])  # (B, T-1, C), (B, T-1, V + 2)
-    kinds = target_row_kinds(batch["lengths"], T, n_ctx)  # (B, T-1)
+    logits, first = network.fine(network.coarse(x[:, :-1]), x[:, 1:])  # (B, T-1, C), (B, T-1, V + 2)
+    kinds = target_row_kinds(batch["lengths"], T, network.n_ctx)  # (B, T-1)
     ll = factor_log_likelihood(logits.reshape(-1, C).double(), first.reshape(B * (T - 1), -1).double(),
                                x[:, 1:].reshape(-1, C), kinds.reshape(-1), layout)
     return ll.view(B, T - 1)
@@ -130,17 +126,25 @@ def row_log_likelihood(coarse: CoarseTransformer, fine: FineHead, layout: Column
 
 @torch.no_grad()
 def log_likelihood(
-    model: HaloModel,
+    network: HaloNetwork,
+    layout: ColumnLayout,
     corpus: PatientCorpus,
     *,
+    code_map: np.ndarray | None = None,
+    label_columns: np.ndarray | None = None,
     batch_size: int = 256,
     unknown: Literal["error", "drop"] = "error",
 ) -> LikelihoodResult:
-    """Score every patient of ``corpus`` under ``model``.
+    """Score every patient of ``corpus`` under ``network`` (``HaloModel.log_likelihood`` fills in the corpus
+    matching for you).
 
     Args:
-        model: a HALO model.
-        corpus: the records to score (any vocabulary; labels must include the model's).
+        network: the coarse and fine modules.
+        layout: their column layout.
+        corpus: the records to score.
+        code_map: (corpus vocabulary,) model column of each corpus code id, -1 for an unknown code; None when
+            the vocabularies are the same.
+        label_columns: corpus label column of each model label; None = identity.
         batch_size: records per forward pass.
         unknown: what to do with codes the model does not know: ``"error"`` or ``"drop"`` (and count).
 
@@ -148,17 +152,16 @@ def log_likelihood(
         A :class:`LikelihoodResult`.
 
     Raises:
-        ConfigError: for unknown codes with ``unknown="error"``, a missing label, or a bad argument.
+        ConfigError: for unknown codes with ``unknown="error"``, or a bad argument.
 
     Example:
-        >>> result = log_likelihood(model, corpus.part("test"))                  # doctest: +SKIP
+        >>> result = model.log_likelihood(corpus.part("test"))                  # doctest: +SKIP
         >>> result.per_code_perplexity, result.patient_log_likelihood[:3]        # doctest: +SKIP
     """
     if unknown not in ("error", "drop"):
         raise ConfigError(f"unknown must be 'error' or 'drop', got {unknown!r}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    code_map = model.code_map(corpus)
     if code_map is not None and unknown == "error":
         used = np.unique(np.asarray(corpus.codes))
         missing = used[code_map[used] < 0]
@@ -166,23 +169,23 @@ def log_likelihood(
             names = [corpus.vocab.codes[i] for i in missing[:10]]
             raise ConfigError(f"{len(missing)} code(s) of the corpus are not in the model vocabulary, e.g. "
                               f"{names!r}; pass unknown='drop' to drop and count them")
-    label_columns = model.label_columns(corpus)
-    device, was_training = model.device, model.training
-    model.eval()
+    device, n_ctx = network.device, network.n_ctx
+    modes = (network.coarse.training, network.fine.training)
+    network.coarse.eval()
+    network.fine.eval()
     P = corpus.n_patients
     total, static, visits_ll = (np.zeros(P) for _ in range(3))
     n_visits, n_codes = np.zeros(P, dtype=np.int64), np.zeros(P, dtype=np.int64)
     per_visit, unknown_ids, truncated = [], [], np.zeros(P, dtype=np.int64)
-    V = model.layout.n_codes
+    V, C = layout.n_codes, layout.n_columns
     try:
         for start in range(0, P, batch_size):
             patients = np.arange(start, min(start + batch_size, P))
-            encoded = encode_records(corpus, patients, model.layout, max_visits=model.config.max_visits,
-                                     code_map=code_map, label_columns=label_columns)
+            encoded = encode_records(corpus, patients, layout, max_visits=n_ctx - 3, code_map=code_map,
+                                     label_columns=label_columns)
             batch = {"ones": torch.from_numpy(encoded.ones).to(device),
                      "lengths": torch.from_numpy(encoded.lengths).to(device)}
-            ll = row_log_likelihood(model.coarse, model.fine, model.layout, model.config.n_ctx,
-                                    batch).cpu().numpy()  # (B, T-1): target row r at index r - 1
+            ll = row_log_likelihood(network, layout, batch).cpu().numpy()  # (B, T-1): target row r at index r - 1
             T = ll.shape[1] + 1
             rows = np.arange(1, T)
             lengths = encoded.lengths
@@ -192,15 +195,16 @@ def log_likelihood(
             visits_ll[patients] = np.where(is_visit, ll, 0.0).sum(1)
             per_visit.append(ll[is_visit])  # row-major: patient order, then visit order
             n_visits[patients] = lengths
-            column = encoded.ones % model.layout.n_columns
-            record = encoded.ones // (model.layout.n_columns * T)
-            row = (encoded.ones // model.layout.n_columns) % T
+            column = encoded.ones % C
+            record = encoded.ones // (C * T)
+            row = (encoded.ones // C) % T
             in_codes = (column < V) & (row >= 2)
             n_codes[patients] = np.bincount(record[in_codes], minlength=len(patients))
             unknown_ids.append(encoded.unknown_codes)
             truncated[patients] = encoded.truncated_visits
     finally:
-        model.train(was_training)
+        network.coarse.train(modes[0])
+        network.fine.train(modes[1])
     vo = np.asarray(corpus.visit_offsets)
     visit_index = ragged_indices(vo[1:] - n_visits, vo[1:])
     visit_ll = np.concatenate(per_visit) if per_visit else np.zeros(0)

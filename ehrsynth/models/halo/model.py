@@ -35,7 +35,8 @@ from ehrsynth.models.halo.encoding import (
     STRUCTURE_FLAGS, UNSCORED, ColumnLayout, bin_values, dense_rows, encode_records, input_rows, row_kinds,
 )
 from ehrsynth.models.halo.likelihood import LikelihoodResult, factor_log_likelihood, log_likelihood
-from ehrsynth.models.halo.network import CoarseTransformer, FineHead, packed_mask
+from ehrsynth.models.halo.network import CoarseTransformer, FineHead, HaloNetwork, packed_mask
+from ehrsynth.models.halo.sampling import Decoding, GenerationConfig, sample, sample_stream
 
 
 class HaloModel(GenerativeModel):
@@ -66,7 +67,8 @@ class HaloModel(GenerativeModel):
                                         dropout=config.dropout, eps=config.layer_norm_eps)
         self.fine = FineHead(config.n_embd, C, config.fine_hidden, order=torch.as_tensor(self.layout.order),
                              group_first=torch.as_tensor(self.layout.group_first()), n_first=self.layout.n_first,
-                             direct=config.fine_head == "made_direct")
+                             direct=config.fine_head == "made_direct",
+                             rank=config.fine_rank if config.fine_head == "made_lowrank" else 0)
         self.gap_days = tuple(meta.extra.get("gap_bin_days", bin_values(config.gap_bin_edges)))
         self.age_years = tuple(meta.extra.get("age_bucket_years", bin_values(config.age_bucket_edges)))
         self._code_map: tuple[Any, np.ndarray | None] | None = None  # (corpus vocabulary, its column map)
@@ -202,25 +204,40 @@ class HaloModel(GenerativeModel):
             raise ConfigError(f"corpus lacks the model's label(s) {missing!r}; it has {list(corpus.label_names)!r}")
         return np.array([corpus.label_names.index(n) for n in self.layout.label_names], dtype=np.int64)
 
+    # ---- the pieces the sampler and the likelihood take ------------------------------------------------------
+    @property
+    def network(self) -> HaloNetwork:
+        return HaloNetwork(self.coarse, self.fine)
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(codes=tuple(self.meta.codes), gap_days=self.gap_days, age_years=self.age_years)
+
     # ---- likelihood ----------------------------------------------------------------------------------------
     def log_likelihood(self, corpus: PatientCorpus, *, batch_size: int = 256,
                        unknown: Literal["error", "drop"] = "error") -> LikelihoodResult:
-        """Exact log-likelihood of every patient of ``corpus`` (:func:`.likelihood.log_likelihood`)."""
-        return log_likelihood(self, corpus, batch_size=batch_size, unknown=unknown)
+        """Exact log-likelihood of every patient of ``corpus`` (:func:`.likelihood.log_likelihood`), its codes
+        matched by typed string and its labels by name.
+
+        Raises:
+            ConfigError: for unknown codes with ``unknown="error"`` or a missing label.
+        """
+        return log_likelihood(self.network, self.layout, corpus, code_map=self.code_map(corpus),
+                              label_columns=self.label_columns(corpus), batch_size=batch_size, unknown=unknown)
 
     def patient_log_likelihood(self, corpus: PatientCorpus, *, batch_size: int = 256,
                                unknown: Literal["error", "drop"] = "error") -> np.ndarray:
         """(P,) log p(record) in nats of every patient of ``corpus`` (for the likelihood membership attack)."""
-        return log_likelihood(self, corpus, batch_size=batch_size, unknown=unknown).patient_log_likelihood
+        return self.log_likelihood(corpus, batch_size=batch_size, unknown=unknown).patient_log_likelihood
 
     def perplexity(self, corpus: PatientCorpus, *, batch_size: int = 256,
                    unknown: Literal["error", "drop"] = "error") -> dict[str, Any]:
         """Per-code and per-visit perplexity of ``corpus`` and what was scored, as a JSON-able dict.
 
         per_code = exp(-(sum of visit-row log-likelihoods) / code occurrences), per_visit likewise per visit;
-        a visit row's log-likelihood covers all its columns (codes present and absent, gap bin, not-the-end).
+        a visit row's log-likelihood covers all its factors (first step, later codes, gap bin).
         """
-        result = log_likelihood(self, corpus, batch_size=batch_size, unknown=unknown)
+        result = self.log_likelihood(corpus, batch_size=batch_size, unknown=unknown)
         return {
             "per_code_perplexity": result.per_code_perplexity,
             "per_visit_perplexity": result.per_visit_perplexity,
@@ -262,10 +279,10 @@ class HaloModel(GenerativeModel):
             A corpus with visit_days from the gap bins, sex/age/labels from the static row, the training
             vocabulary (counts = generated visit counts), split all train, visit_start NaT.
         """
-        from ehrsynth.models.halo.sampling import sample
-
-        corpus = sample(self, n, generator=torch.Generator().manual_seed(_seed(seed)), conditions=conditions,
-                        condition=condition, batch_size=batch_size, progress=progress)
+        config = GenerationConfig(conditions=conditions or {}, condition=condition, batch_size=batch_size,
+                                  progress=progress)
+        corpus = sample(self.network, self.layout, self.decoding, n,
+                        generator=torch.Generator().manual_seed(_seed(seed)), config=config)
         corpus.stats["seed"] = int(seed)
         return corpus
 
@@ -282,11 +299,10 @@ class HaloModel(GenerativeModel):
     ) -> Iterator[PatientCorpus]:
         """Like :meth:`generate`, yielding corpora of up to ``chunk_size`` patients (bounded memory); patient
         ids continue across chunks and the patients are the same as :meth:`generate`'s."""
-        from ehrsynth.models.halo.sampling import sample_stream
-
-        for corpus in sample_stream(self, n, generator=torch.Generator().manual_seed(_seed(seed)),
-                                    conditions=conditions, condition=condition, batch_size=batch_size,
-                                    chunk_size=chunk_size, progress=progress):
+        config = GenerationConfig(conditions=conditions or {}, condition=condition, batch_size=batch_size,
+                                  chunk_size=chunk_size, progress=progress)
+        for corpus in sample_stream(self.network, self.layout, self.decoding, n,
+                                    generator=torch.Generator().manual_seed(_seed(seed)), config=config):
             corpus.stats["seed"] = int(seed)
             yield corpus
 

@@ -184,6 +184,8 @@ class FineWeights:
         order: (C,) the column at each position.
         first: (d, V + 2) the first-step head's weights, transposed; first_bias (V + 2,).
         direct: (C, C) what a 1 at position i adds to every logit (row i), or None without direct connections.
+        prefix_in, prefix_out: (C, r) the low-rank direct term's factors (a 1 at position i adds
+            ``prefix_in[i]`` to a running (r,) sum; logit k adds its dot with ``prefix_out[k]``), or None.
     """
 
     hist: torch.Tensor
@@ -195,6 +197,8 @@ class FineWeights:
     first: torch.Tensor
     first_bias: torch.Tensor
     direct: torch.Tensor | None
+    prefix_in: torch.Tensor | None = None
+    prefix_out: torch.Tensor | None = None
 
 
 class FineHead(nn.Module):
@@ -215,13 +219,16 @@ class FineHead(nn.Module):
     * ``direct=True`` (``fine_head="made_direct"``): a masked C x C linear map from the inputs straight to the
       logits (MADE's direct connections): every logit gets a linear term in every earlier column, which a
       MADE's hidden layer gives neighbouring columns through one hidden unit at most. C^2 parameters.
+    * ``rank=r`` (``fine_head="made_lowrank"``): the direct connections with a rank-r weight, logit k +=
+      u_k . (sum of v_j over the ones j before k's group): 2 C r parameters, linear in the vocabulary, and
+      sampled with a running (r,) sum per record.
     * ``first``: Linear(d -> V + 2), the logits of a visit row's first step {end, code 0..V-1, no code}
       (:mod:`.encoding`): a function of the history only.
     """
 
     def __init__(self, n_embd: int, n_columns: int, hidden: int | None = None,
                  order: torch.Tensor | None = None, *, group_first: torch.Tensor | None = None,
-                 n_first: int = 2, direct: bool = False) -> None:
+                 n_first: int = 2, direct: bool = False, rank: int = 0) -> None:
         super().__init__()
         self.n_embd, self.n_columns = n_embd, n_columns
         order = torch.arange(n_columns) if order is None else torch.as_tensor(order, dtype=torch.long)
@@ -240,6 +247,11 @@ class FineHead(nn.Module):
         if direct:
             self.direct = MaskedLinear(torch.arange(n_columns)[None, :] < first[:, None], bias=False)  # (C, C)
             nn.init.zeros_(self.direct.weight)
+        self.prefix_in = self.prefix_out = None
+        if rank:
+            self.prefix_in = nn.Parameter(torch.randn(n_columns, rank) * rank ** -0.5)  # v_j
+            self.prefix_out = nn.Parameter(torch.zeros(n_columns, rank))  # u_k: starts as the plain MADE
+        self.register_buffer("group_first", first, persistent=False)
         self.first = nn.Linear(n_embd, n_first)
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +262,39 @@ class FineHead(nn.Module):
         logits = self.layer2(z)
         if self.direct is not None:
             logits = logits + self.direct(xo)
+        if self.prefix_in is not None:
+            logits = logits + self._prefix(xo)
         return logits[..., self.rank], self.first(h)
+
+    def _prefix(self, xo: torch.Tensor) -> torch.Tensor:
+        """The low-rank direct term of rows xo (..., C) in fine order: as one masked C x C weight when that is
+        smaller than the (N, C, r) running sums, else by the running sums."""
+        C, r = self.prefix_in.shape
+        flat = xo.reshape(-1, C)  # (N, C)
+        if C <= flat.shape[0] * r:
+            mask = torch.arange(C, device=xo.device)[None, :] < self.group_first[:, None]  # [k, j]
+            out = F.linear(flat, (self.prefix_out @ self.prefix_in.T).masked_fill(~mask, 0.0))
+        else:
+            terms = flat[:, :, None] * self.prefix_in  # (N, C, r)
+            before = torch.cumsum(terms, dim=1) - terms  # (N, C, r): sums over the positions before each
+            out = (before[:, self.group_first] * self.prefix_out).sum(-1)
+        return out.view(xo.shape)
+
+
+@dataclass(frozen=True)
+class HaloNetwork:
+    """The two modules the sampler and the likelihood run (they never need the model class)."""
+
+    coarse: CoarseTransformer
+    fine: FineHead
+
+    @property
+    def n_ctx(self) -> int:
+        return self.coarse.n_ctx
+
+    @property
+    def device(self) -> torch.device:
+        return self.coarse.wpe.weight.device
 
 
 def fine_weights(head: FineHead) -> FineWeights:
@@ -264,4 +308,6 @@ def fine_weights(head: FineHead) -> FineWeights:
                        bias1=head.layer1.bias.detach().clone(), out=head.layer2.masked_weight().detach().T.contiguous(),
                        bias2=head.layer2.bias.detach().clone(), order=head.order.clone(),
                        first=head.first.weight.detach().T.contiguous(), first_bias=head.first.bias.detach().clone(),
-                       direct=direct)
+                       direct=direct,
+                       prefix_in=None if head.prefix_in is None else head.prefix_in.detach().clone(),
+                       prefix_out=None if head.prefix_out is None else head.prefix_out.detach().clone())

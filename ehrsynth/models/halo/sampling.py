@@ -39,8 +39,8 @@ a trained model at batch sizes 7, 100, 333 and 1,000 came out identical, on one 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,10 +51,7 @@ from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.conditions import Conditions
 from ehrsynth.models.halo.encoding import FIRST_VISIT, STATIC, VISIT, ColumnLayout, bin_index, decode_records
-from ehrsynth.models.halo.network import FineWeights, fine_weights
-
-if TYPE_CHECKING:
-    from ehrsynth.models.halo.model import HaloModel
+from ehrsynth.models.halo.network import FineWeights, HaloNetwork, fine_weights
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MAX_ATTEMPTS = 10_000  # static rows tried per record by posterior conditioning
@@ -183,6 +180,9 @@ def sample_row(
     rows = torch.arange(b, device=device)  # their batch rows
     z1 = torch.addmm(weights.bias1, h, weights.hist)  # (a, H): layer 1 with every column at 0
     zd = None if direct is None else h.new_zeros(b, C)  # (a, C): direct terms of the ones fixed so far
+    prefix_in = None if weights.prefix_in is None else torch.cat(
+        [weights.prefix_in, weights.prefix_in.new_zeros(1, weights.prefix_in.shape[1])])  # (C+1, r), row C = 0
+    zp = None if prefix_in is None else h.new_zeros(b, prefix_in.shape[1])  # (a, r): sum of v_j of the ones
     pending = pending.clone()
     must = None if must is None else must.clone()
     cursor = torch.zeros(b, dtype=torch.long, device=device)
@@ -192,6 +192,7 @@ def sample_row(
         if not bool(live.all()):
             rows, z1, pending, cursor = rows[live], z1[live], pending[live], cursor[live]
             zd = None if zd is None else zd[live]
+            zp = None if zp is None else zp[live]
             keys = keys[live.cpu().numpy()]
             must = None if must is None else must[live]
             first = None if first is None else first[live]
@@ -201,6 +202,8 @@ def sample_row(
         logits = torch.addmm(weights.bias2[lo:hi], torch.relu(z1), weights.out[:, lo:hi])  # (a, hi-lo)
         if zd is not None:
             logits = logits + zd[:, lo:hi]
+        if zp is not None:
+            logits = logits + zp @ weights.prefix_out[lo:hi].T
         log_keep = F.logsigmoid(-logits)  # log(1 - p_j): the Bernoulli chain
         for a, z in blocks:  # a categorical group as the chain that draws it (its logits see nothing of it)
             if a >= lo and z <= hi:
@@ -221,6 +224,8 @@ def sample_row(
         z1 += cols[j]  # fixing x_j = 1 adds position j's first-layer weights (row C adds nothing)
         if zd is not None:
             zd += direct[j]
+        if zp is not None:
+            zp += prefix_in[j]
         cursor = j + 1
         pending &= columns[None, :] > close_to[j][:, None]  # decided: up to j, or to the end of j's group
         pending[:, end] &= ~hit  # a row with a 1 is a visit, not the end row (a no-op when the end comes first)
@@ -231,7 +236,8 @@ def sample_row(
 
 @torch.no_grad()
 def sample_batch(
-    model: HaloModel,
+    network: HaloNetwork,
+    layout: ColumnLayout,
     patients: np.ndarray,
     *,
     key: int,
@@ -247,8 +253,7 @@ def sample_batch(
         (n_visits (b,), patient (N,), row (N,), column (N,)): the visits of each record and the ones of its
         static and visit rows (local patient indices; no start/end tokens).
     """
-    layout, n_ctx = model.layout, model.config.n_ctx
-    device = model.device
+    coarse, n_ctx, device = network.coarse, network.n_ctx, network.device
     b, C = len(patients), layout.n_columns
     table = torch.as_tensor(layout.free_table(), device=device)
     close_to = torch.as_tensor(closing_positions(layout), device=device)
@@ -258,14 +263,14 @@ def sample_batch(
     forced_one = forced_zero = None
     if forced is not None and forced[0].any() | forced[1].any():
         forced_one, forced_zero = (torch.as_tensor(f, device=device) for f in forced)
-    cache = model.coarse.new_cache(b)
+    cache = coarse.new_cache(b)
     alive = torch.arange(b, device=device)  # batch rows of the unfinished records
     x = torch.zeros(b, 1, C, device=device)
     x[:, 0, layout.start] = 1.0
     n_visits = np.full(b, n_ctx - 3, dtype=np.int64)  # records that never draw the end fill the window
     found: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     for row in range(1, n_ctx - 1):
-        h = model.coarse(x, cache)[:, -1]  # (a, d) summary of rows < row
+        h = coarse(x, cache)[:, -1]  # (a, d) summary of rows < row
         kind = STATIC if row == 1 else FIRST_VISIT if row == 2 else VISIT
         pending = table[kind].expand(len(alive), C).clone()
         must = None
@@ -335,87 +340,119 @@ def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to
                       f"condition='forced'")
 
 
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate (the one generation config; the model and the seed are separate).
+
+    Attributes:
+        conditions: static-row conditions as (key, value) pairs (a dict is accepted): see :func:`parse_conditions`.
+        condition: how conditions apply: ``"forced"`` or ``"posterior"`` (module docstring).
+        batch_size: records sampled together (patient i does not depend on it).
+        chunk_size: patients per yielded corpus (memory is bounded by the chunk).
+        progress: show a tqdm bar.
+    """
+
+    conditions: tuple[tuple[str, str], ...] = ()
+    condition: Literal["forced", "posterior"] = "forced"
+    batch_size: int = 256
+    chunk_size: int = 10_000
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        pairs = self.conditions.items() if isinstance(self.conditions, dict) else (self.conditions or ())
+        object.__setattr__(self, "conditions", tuple((str(k), str(v)) for k, v in pairs))
+        for name in ("batch_size", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.condition not in ("forced", "posterior"):
+            raise ConfigError(f"condition must be 'forced' or 'posterior', got {self.condition!r}")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What turns sampled columns into a corpus: the model vocabulary, the days each gap bin decodes to and
+    the years each age bucket decodes to."""
+
+    codes: tuple[str, ...]
+    gap_days: tuple[float, ...]
+    age_years: tuple[float, ...]
+
+
 def sample_stream(
-    model: HaloModel,
+    network: HaloNetwork,
+    layout: ColumnLayout,
+    decoding: Decoding,
     n: int,
     *,
     generator: torch.Generator,
-    conditions: dict[str, Any] | None = None,
-    condition: Literal["forced", "posterior"] = "forced",
-    batch_size: int = 256,
-    chunk_size: int = 10_000,
-    progress: bool = True,
+    config: GenerationConfig = GenerationConfig(),
     counts: PassCounts | None = None,
 ) -> Iterator[PatientCorpus]:
-    """Sample ``n`` patients in corpora of up to ``chunk_size`` (memory is bounded by the chunk), with a tqdm bar.
+    """Sample ``n`` patients in corpora of up to ``config.chunk_size``, with a tqdm bar when asked.
 
     Args:
-        model: a HALO model.
+        network: the coarse and fine modules.
+        layout: their column layout.
+        decoding: how sampled columns decode.
         n: number of patients.
         generator: seeds the run (one key is drawn from it).
-        conditions: static-row conditions (:func:`parse_conditions`).
-        condition: how conditions apply: ``"forced"`` or ``"posterior"`` (module docstring).
-        batch_size: records sampled together.
-        chunk_size: patients per yielded corpus.
-        progress: show the bar.
+        config: conditions, batch and chunk sizes, progress.
         counts: filled with fine-pass counts when given.
 
     Raises:
-        ConfigError: for a bad ``n``, ``batch_size``, ``chunk_size`` or condition.
+        ConfigError: for a bad ``n`` or condition.
     """
-    for name, value in (("n", n), ("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if condition not in ("forced", "posterior"):
-        raise ConfigError(f"condition must be 'forced' or 'posterior', got {condition!r}")
-    forced = parse_conditions(model.layout, conditions)
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigError(f"n must be a positive integer, got {n!r}")
+    conditions = dict(config.conditions)
+    forced = parse_conditions(layout, conditions)
     key = run_key(generator)
-    was_training = model.training
-    model.eval()
+    modes = (network.coarse.training, network.fine.training)
+    network.coarse.eval()
+    network.fine.eval()
     try:
-        weights = fine_weights(model.fine)
-        with tqdm(total=n, unit="patient", disable=not progress, desc="HALO sampling") as bar:
-            for first in range(0, n, chunk_size):
-                last = min(first + chunk_size, n)
+        weights = fine_weights(network.fine)
+        with tqdm(total=n, unit="patient", disable=not config.progress, desc="HALO sampling") as bar:
+            for first in range(0, n, config.chunk_size):
+                last = min(first + config.chunk_size, n)
                 parts = []
-                for start in range(first, last, batch_size):
-                    patients = np.arange(start, min(start + batch_size, last), dtype=np.int64)
-                    parts.append(sample_batch(model, patients, key=key, weights=weights, forced=forced,
-                                              condition=condition, counts=counts))
+                for start in range(first, last, config.batch_size):
+                    patients = np.arange(start, min(start + config.batch_size, last), dtype=np.int64)
+                    parts.append(sample_batch(network, layout, patients, key=key, weights=weights, forced=forced,
+                                              condition=config.condition, counts=counts))
                     bar.update(len(patients))
-                yield _decode(model, first, parts, conditions, condition)
+                yield _decode(layout, decoding, network.n_ctx - 3, first, parts, conditions, config.condition)
     finally:
-        model.train(was_training)
+        network.coarse.train(modes[0])
+        network.fine.train(modes[1])
 
 
 def sample(
-    model: HaloModel,
+    network: HaloNetwork,
+    layout: ColumnLayout,
+    decoding: Decoding,
     n: int,
     *,
     generator: torch.Generator,
-    conditions: dict[str, Any] | None = None,
-    condition: Literal["forced", "posterior"] = "forced",
-    batch_size: int = 256,
-    progress: bool = False,
+    config: GenerationConfig = GenerationConfig(),
     counts: PassCounts | None = None,
 ) -> PatientCorpus:
     """Sample ``n`` patients as one corpus (:func:`sample_stream` with a single chunk)."""
-    return next(sample_stream(model, n, generator=generator, conditions=conditions, condition=condition,
-                              batch_size=batch_size,
-                              chunk_size=max(int(n), 1) if isinstance(n, (int, np.integer)) else n,
-                              progress=progress, counts=counts))
+    chunk = max(int(n), 1) if isinstance(n, (int, np.integer)) else 1
+    return next(sample_stream(network, layout, decoding, n, generator=generator,
+                              config=replace(config, chunk_size=chunk), counts=counts))
 
 
-def _decode(model: HaloModel, first: int, parts: list, conditions: dict[str, Any] | None,
-            condition: str) -> PatientCorpus:
+def _decode(layout: ColumnLayout, decoding: Decoding, max_visits: int, first: int, parts: list,
+            conditions: dict[str, Any], condition: str) -> PatientCorpus:
     offsets = np.cumsum([0] + [len(p[0]) for p in parts])
     n_visits = np.concatenate([p[0] for p in parts])
     patient = np.concatenate([p[1] + off for p, off in zip(parts, offsets)])
     row = np.concatenate([p[2] for p in parts])
     column = np.concatenate([p[3] for p in parts])
-    stats = {"source": "halo", "first_patient": int(first), "conditions": dict(conditions or {}),
-             "condition": condition,
-             "records_filling_window": int((n_visits == model.config.max_visits).sum())}
-    return decode_records(model.layout, first_patient=first, n_visits=n_visits, patient=patient, row=row,
-                          column=column, codes=model.meta.codes, gap_days=model.gap_days,
-                          age_years=model.age_years, stats=stats)
+    stats = {"source": "halo", "first_patient": int(first), "conditions": conditions, "condition": condition,
+             "records_filling_window": int((n_visits == max_visits).sum())}
+    return decode_records(layout, first_patient=first, n_visits=n_visits, patient=patient, row=row, column=column,
+                          codes=decoding.codes, gap_days=decoding.gap_days, age_years=decoding.age_years,
+                          stats=stats)
