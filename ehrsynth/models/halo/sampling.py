@@ -166,7 +166,8 @@ def sample_row(
             1..V), no code}, or None for the static row.
 
     Returns:
-        ((b, C) float32 sampled row in fine order, number of fine passes).
+        ((b, C) float32 sampled row in fine order, number of fine passes, (b,) float64 log-probability of
+        each sampled row: the sum over passes of log P(this pass's next 1, or none)).
     """
     b, C = pending.shape
     device = h.device
@@ -186,6 +187,7 @@ def sample_row(
     pending = pending.clone()
     must = None if must is None else must.clone()
     cursor = torch.zeros(b, dtype=torch.long, device=device)
+    log_prob = torch.zeros(b, dtype=torch.float64, device=device)
     passes = 0
     while True:
         live = pending.any(1)  # records with a position left to decide
@@ -219,6 +221,11 @@ def sample_row(
         j = lo + (survival >= threshold[:, None]).sum(1)  # the next 1, or hi when every position drew 0
         passes += 1
         hit = j < hi
+        # log P(first 1 at j) = log P(none before j) + log p_j; log P(none) = the survival over the whole range
+        at = (j - lo).clamp(max=hi - lo - 1)[:, None]
+        before = torch.where(at > 0, survival.gather(1, (at - 1).clamp(min=0)), 0.0)[:, 0]
+        step = torch.log(-torch.expm1(survival.gather(1, at)[:, 0] - before))
+        log_prob[rows] += torch.where(hit, before + step, survival[:, -1])
         j = torch.where(hit, j, C)
         x[(rows * C + j)[hit]] = 1.0
         z1 += cols[j]  # fixing x_j = 1 adds position j's first-layer weights (row C adds nothing)
@@ -231,7 +238,7 @@ def sample_row(
         pending[:, end] &= ~hit  # a row with a 1 is a visit, not the end row (a no-op when the end comes first)
         if must is not None:
             must &= pending
-    return x.view(b, C), passes
+    return x.view(b, C), passes, log_prob
 
 
 @torch.no_grad()
@@ -245,9 +252,12 @@ def sample_batch(
     forced: tuple[np.ndarray, np.ndarray] | None = None,
     condition: Literal["forced", "posterior"] = "forced",
     counts: PassCounts | None = None,
+    log_prob: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Sample the records of global patient indices ``patients`` together (``forced``: the columns forced to
     1 and to 0 by :func:`parse_conditions`, applied as ``condition`` says; see the module docstring).
+    ``log_prob`` (b,) float64, when given, receives the log-probability of each sampled record: the sum of the
+    sampler's draws (without conditions it equals :mod:`.likelihood`'s log p(record)).
 
     Returns:
         (n_visits (b,), patient (N,), row (N,), column (N,)): the visits of each record and the ones of its
@@ -292,8 +302,10 @@ def sample_batch(
             sampled, passes = _posterior_static_row(weights, h, pending, forced_one[order], forced_zero[order],
                                                     close_to, end, key, ids, n_ctx, blocks)
         else:
-            sampled, passes = sample_row(weights, h, pending, must=must, close_to=close_to, end=end,
-                                         keys=stream_keys(key, ids, row), blocks=blocks, first=first)
+            sampled, passes, row_log_prob = sample_row(weights, h, pending, must=must, close_to=close_to, end=end,
+                                                       keys=stream_keys(key, ids, row), blocks=blocks, first=first)
+            if log_prob is not None:
+                log_prob[alive.cpu().numpy()] += row_log_prob.cpu().numpy()
         sampled = sampled[:, rank]  # fine-order positions -> columns
         if counts is not None and kind != STATIC:
             counts.passes += passes
@@ -327,8 +339,8 @@ def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to
     passes = 0
     for attempt in range(MAX_ATTEMPTS):
         keys = stream_keys(key, patients[todo.cpu().numpy()], 1 + attempt * n_ctx)
-        rows, n = sample_row(weights, h[todo], pending[todo], must=None, close_to=close_to, end=end, keys=keys,
-                             blocks=blocks)
+        rows, n, _ = sample_row(weights, h[todo], pending[todo], must=None, close_to=close_to, end=end, keys=keys,
+                                blocks=blocks)
         passes += n
         ok = rows[:, forced_one].all(1) & ~rows[:, forced_zero].bool().any(1)
         out[todo[ok]] = rows[ok]
