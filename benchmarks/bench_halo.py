@@ -69,7 +69,7 @@ def bench_training(train, steps: int) -> None:
             full = torch.zeros(x.shape[0], model.config.n_ctx, x.shape[2])
             full[:, :x.shape[1]] = x
             full[:, x.shape[1]:, model.layout.pad] = 1
-            logits = model.fine(model.coarse(full[:, :-1]), full[:, 1:])
+            logits = model.fine(model.coarse(full[:, :-1]), full[:, 1:])[0]  # the MADE logits (BCE, as the reference)
             scored = (torch.arange(1, model.config.n_ctx)[None, :] <= batch["lengths"][:, None] + 2)
             bce = F.binary_cross_entropy_with_logits(logits, full[:, 1:], reduction="none")
             loss = (bce * scored[..., None]).sum() / (scored.sum() * x.shape[2])
