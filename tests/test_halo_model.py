@@ -82,13 +82,13 @@ def test_fine_head_parameter_counts():
 
 
 def test_low_rank_term_is_the_same_by_either_route():
-    """The masked C x C weight (few rows) and the running sums (many rows) give the same logits."""
+    """The running sums (few rows) and the masked C x C weight (rows x C x r over 2^25) give the same logits."""
     torch.manual_seed(0)
     head = FineHead(4, 10, 6, rank=3, group_first=torch.tensor([0, 1, 2, 3, 4, 4, 4, 7, 8, 9]))
     torch.nn.init.normal_(head.prefix_out)
     x = (torch.rand(2, 10) < 0.5).float()
-    few = head._prefix(x)  # N r = 6 < C: running sums
-    many = head._prefix(x.repeat(5, 1))[:2]  # N r = 30 >= C: one masked weight
+    few = head._prefix(x)  # running sums
+    many = head._prefix(x.repeat(2**20, 1))[:2]  # 2^21 x 10 x 3 elements: one masked weight
     assert torch.allclose(few, many, atol=1e-6) and few.abs().sum() > 0
 
 
