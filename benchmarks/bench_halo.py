@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data")) if p.is_dir()),
+            Path("/work/shared/data"))
 
 
 def timed(fn, repeat: int) -> list[float]:
@@ -68,7 +69,7 @@ def bench_training(train, steps: int) -> None:
             full = torch.zeros(x.shape[0], model.config.n_ctx, x.shape[2])
             full[:, :x.shape[1]] = x
             full[:, x.shape[1]:, model.layout.pad] = 1
-            logits = model.fine(model.coarse(full[:, :-1]), full[:, 1:])
+            logits = model.fine(model.coarse(full[:, :-1]), full[:, 1:])[0]  # the MADE logits (BCE, as the reference)
             scored = (torch.arange(1, model.config.n_ctx)[None, :] <= batch["lengths"][:, None] + 2)
             bce = F.binary_cross_entropy_with_logits(logits, full[:, 1:], reduction="none")
             loss = (bce * scored[..., None]).sum() / (scored.sum() * x.shape[2])
@@ -120,7 +121,7 @@ def reference_sample(model, n: int, generator: torch.Generator) -> tuple[torch.T
         h = model.coarse(rows[:, :-1])[:, -1]  # the prefix recomputed every row
         i, passes = 0, 0
         while i < C:
-            probs = torch.sigmoid(model.fine(h, rows[:, -1]))  # (n, C) full two-layer pass
+            probs = torch.sigmoid(model.fine(h, rows[:, -1])[0])  # (n, C) full two-layer pass (MADE logits only)
             visit = torch.bernoulli(probs, generator=generator)
             passes += 1
             hits = visit[:, i:].nonzero(as_tuple=True)[1]
@@ -149,7 +150,7 @@ def reference_stats(records: torch.Tensor, layout) -> tuple[float, float]:
 
 
 def bench_sampling(train, val, train_steps: int, n: int, skip_reference: bool) -> None:
-    from ehrsynth.models.halo import HaloConfig, HaloModel, PassCounts, sample
+    from ehrsynth.models.halo import GenerationConfig, HaloConfig, HaloModel, PassCounts, sample
     from ehrsynth.training.loop import TrainConfig
     from ehrsynth.training.loop import train as train_loop
 
@@ -167,10 +168,12 @@ def bench_sampling(train, val, train_steps: int, n: int, skip_reference: bool) -
     real_vpp, real_cpv = train.visits_per_patient().mean(), train.codes_per_visit().mean()
     print(f"    training data: {real_vpp:.2f} visits/patient, {real_cpv:.1f} codes/visit")
 
-    sample(model, 16, generator=torch.Generator().manual_seed(1))  # warm-up
+    network, layout, decoding = model.network, model.layout, model.decoding
+    sample(network, layout, decoding, 16, generator=torch.Generator().manual_seed(1))  # warm-up
     counts = PassCounts()
     start = time.perf_counter()
-    ours = sample(model, n, generator=torch.Generator().manual_seed(0), batch_size=n, counts=counts)
+    ours = sample(network, layout, decoding, n, generator=torch.Generator().manual_seed(0),
+                  config=GenerationConfig(batch_size=n), counts=counts)
     ours_time = time.perf_counter() - start
     ours_pass = counts.passes / counts.visit_steps
     print(f"    ours:      {n} patients in {ours_time:.2f} s = {n / ours_time:.1f} patients/s; "

@@ -169,18 +169,15 @@ def generate_sharded(run_dir: str | Path, n: int, out: str | Path, output_format
 
 
 def parse_conditions(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """``['label:mortality=1', 'sex=F']`` -> ``{'label:mortality': '1', 'sex': 'F'}``.
+    """``['label:mortality=1', 'sex=F']`` -> ``{'label:mortality': '1', 'sex': 'F'}``
+    (:func:`ehrsynth.models.conditions.parse_pairs`).
 
     Raises:
-        ConfigError: for an entry without ``=``.
+        ConfigError: for an entry without ``=`` or a key given two different values.
     """
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--condition expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
+    from ehrsynth.models.conditions import parse_pairs
+
+    return parse_pairs(pairs)
 
 
 def generate_chunks(

@@ -41,48 +41,72 @@ def small_model(train_corpus):
 # ---- fine head --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hidden", [None, 7, 40])
 @pytest.mark.parametrize("permuted", [False, True])
-def test_fine_logit_k_ignores_columns_from_k_on(hidden, permuted):
-    """In fine order: the logit of the k-th decided column has exactly zero gradient wrt the columns decided
-    at positions >= k (the column order itself when not permuted)."""
+@pytest.mark.parametrize("direct", [False, True, "lowrank"])
+def test_fine_logit_k_ignores_columns_from_its_group_on(hidden, permuted, direct):
+    """In fine order: the logit of position k has exactly zero gradient wrt the positions from the first of
+    its categorical group on (k itself outside a group); the first-step logits see only the history."""
     torch.manual_seed(0)
     d, C = 5, 12
     order = torch.randperm(C) if permuted else torch.arange(C)
-    head = FineHead(d, C, hidden, order=order)
+    group_first = torch.arange(C)
+    group_first[8:11] = 8  # positions 8, 9, 10 form one softmax
+    head = FineHead(d, C, hidden, order=order, group_first=group_first, n_first=4, direct=direct is True,
+                    rank=3 if direct == "lowrank" else 0)
     for p in head.parameters():  # make every unmasked weight count
         torch.nn.init.normal_(p)
     h, x = torch.randn(d), torch.rand(C)
-    d_x = torch.autograd.functional.jacobian(lambda x_: head(h, x_), x)[order][:, order]  # (C, C) in fine order
-    d_h = torch.autograd.functional.jacobian(lambda h_: head(h_, x), h)  # (C, d)
-    assert torch.all(d_x.triu() == 0), "logit k must not depend on columns j >= k"
-    earlier = torch.ones(C, C, dtype=torch.bool).tril(-1)
-    assert (d_x[earlier] != 0).float().mean() > 0.5  # ...and does depend on earlier columns
-    assert torch.all(d_h.abs().sum(1) > 0)  # every logit sees the history
+    d_x = torch.autograd.functional.jacobian(lambda x_: head(h, x_)[0], x)[order][:, order]  # (C, C) fine order
+    seen = torch.arange(C)[None, :] < group_first[:, None]  # [k, j]: position k may see position j
+    assert torch.all(d_x[~seen] == 0), "logit k must not depend on its group or later positions"
+    assert (d_x[seen] != 0).float().mean() > 0.5  # ...and does depend on earlier ones
+    hs = torch.randn(16, d, requires_grad=True)  # several histories: some hidden units are off (ReLU) for one
+    for k in range(C):
+        assert hs.grad is None or hs.grad.zero_() is not None
+        head(hs, x.expand(16, C))[0][:, k].sum().backward()
+        assert hs.grad.abs().sum() > 0, f"logit {k} must see the history"
+    first_x = torch.autograd.functional.jacobian(lambda x_: head(h, x_)[1], x)
+    assert torch.all(first_x == 0) and head(h, x)[1].shape == (4,)
 
 
 def test_fine_head_parameter_counts():
     d, C = 16, 30
-    W = d + C
-    square = FineHead(d, C)
-    assert sum(p.numel() for p in square.parameters()) == 2 * (W * W + W)
-    narrow = FineHead(d, C, hidden=20)
-    assert sum(p.numel() for p in narrow.parameters()) == 20 * W + 20 + C * 20 + C
+    W, first = d + C, d * 32 + 32  # the first-step head: Linear(d -> V + 2), V = 30
+    square = FineHead(d, C, n_first=32)
+    assert sum(p.numel() for p in square.parameters()) == W * W + W + C * W + C + first
+    narrow = FineHead(d, C, hidden=20, n_first=32)
+    assert sum(p.numel() for p in narrow.parameters()) == 20 * W + 20 + C * 20 + C + first
+    direct = FineHead(d, C, hidden=20, n_first=32, direct=True)
+    assert sum(p.numel() for p in direct.parameters()) == 20 * W + 20 + C * 20 + C + first + C * C
+    lowrank = FineHead(d, C, hidden=20, n_first=32, rank=4)
+    assert sum(p.numel() for p in lowrank.parameters()) == 20 * W + 20 + C * 20 + C + first + 2 * C * 4
+
+
+def test_low_rank_term_is_the_same_by_either_route():
+    """The running sums (few rows) and the masked C x C weight (rows x C x r over 2^25) give the same logits."""
+    torch.manual_seed(0)
+    head = FineHead(4, 10, 6, rank=3, group_first=torch.tensor([0, 1, 2, 3, 4, 4, 4, 7, 8, 9]))
+    torch.nn.init.normal_(head.prefix_out)
+    x = (torch.rand(2, 10) < 0.5).float()
+    few = head._prefix(x)  # running sums
+    many = head._prefix(x.repeat(2**20, 1))[:2]  # 2^21 x 10 x 3 elements: one masked weight
+    assert torch.allclose(few, many, atol=1e-6) and few.abs().sum() > 0
 
 
 def test_square_head_is_the_reference_layout():
-    """Two (W x W) lower-triangular layers; the logits are outputs d-1 .. d+C-2 of the second."""
+    """A (W x W) lower-triangular first layer; the logits are outputs d-1 .. d+C-2 of a lower-triangular
+    second layer (the reference's, without its unused outputs)."""
     d, C = 4, 6
     head = FineHead(d, C)
     W = d + C
-    assert head.layer1.weight.shape == head.layer2.weight.shape == (W, W)
-    assert torch.equal(head.layer1.mask, torch.ones(W, W).tril())
+    assert head.layer1.weight.shape == (W, W) and head.layer2.weight.shape == (C, W)
+    assert torch.equal(head.layer1.mask, torch.ones(W, W, dtype=torch.bool).tril())
+    assert torch.equal(head.layer2.mask, torch.ones(W, W, dtype=torch.bool).tril()[d - 1:-1])
     h, x = torch.randn(3, d), torch.rand(3, C)
-    full = head.layer2(torch.relu(head.layer1(torch.cat([h, x], -1))))
-    assert torch.allclose(head(h, x), full[:, d - 1:-1], atol=1e-6)
     # with an order, the same head runs on the columns gathered into that order
     order = torch.tensor([4, 0, 1, 2, 3, 5])  # e.g. the end token (column 4) first
     ordered = FineHead(d, C, order=order)
     ordered.load_state_dict(head.state_dict())
-    assert torch.allclose(ordered(h, x)[:, order], head(h, x[:, order]), atol=1e-6)
+    assert torch.allclose(ordered(h, x)[0][:, order], head(h, x[:, order])[0], atol=1e-6)
 
 
 # ---- coarse transformer -----------------------------------------------------------------------------------------
@@ -207,24 +231,25 @@ def test_truncation_keeps_the_last_visits(small_model, mimic3_corpus):
 
 # ---- loss -----------------------------------------------------------------------------------------------------------
 def test_loss_is_independent_of_padding(small_model, train_corpus):
-    """forward() pads to the longest record and runs the fine head on scored rows only; the same loss comes
-    from the full n_ctx-row matrices of the reference with its mean over scored rows."""
+    """forward() packs or pads to the longest record and scores the existing rows only; the same loss comes
+    from the exact likelihood of the full n_ctx-row matrices, per one in the scored rows."""
+    from ehrsynth.models.halo.likelihood import row_log_likelihood
+
     model = small_model.eval()
     patients = np.arange(20)
     batch = model.collate(train_corpus, patients)
     with torch.no_grad():
         loss = model(batch)
+        full = {"ones": batch["ones"], "lengths": batch["lengths"]}
         x = dense_rows(batch["ones"], batch["lengths"], model.layout.n_columns)
-        full = torch.zeros(len(patients), model.config.n_ctx, model.layout.n_columns)
-        full[:, :x.shape[1]] = x
-        full[:, x.shape[1]:, model.layout.pad] = 1
-        logits = model.fine(model.coarse(full[:, :-1]), full[:, 1:])
-        rows = torch.arange(1, model.config.n_ctx)
-        scored = (rows[None, :] <= batch["lengths"][:, None] + 2).float()[..., None]
-        bce = F.binary_cross_entropy_with_logits(logits, full[:, 1:], reduction="none")
-        expected = (bce * scored).sum() / (scored.sum() * model.layout.n_columns)
-    assert torch.allclose(loss, expected, atol=1e-6)
-    assert 0.6 < float(loss) < 0.8  # untrained: about log 2 per column
+        ll = row_log_likelihood(model.network, model.layout, full)
+        nll, units = model.validation_loss(batch)
+    rows = torch.arange(1, x.shape[1])
+    scored = rows[None, :] <= batch["lengths"][:, None] + 2
+    assert units == x[:, 1:][scored].sum()  # the ones of the static, visit and end rows
+    assert torch.allclose(nll.double(), -ll.sum(), rtol=1e-5)
+    assert torch.allclose(loss.double(), -ll.sum() / units, rtol=1e-5)
+    assert 10.0 < float(loss) < 60.0  # untrained: about log 2 for each of ~580 absent codes per visit
 
 
 def test_packed_and_padded_losses_and_gradients_agree(small_model, train_corpus):

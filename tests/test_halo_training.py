@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ehrsynth.models.halo import HaloConfig, HaloModel, log_likelihood
+from ehrsynth.models.halo import HaloConfig, HaloModel
 from ehrsynth.models.io import load_model
 from ehrsynth.training.loop import TrainConfig, evaluate_loss, train
 
@@ -30,7 +30,7 @@ def trained(mimic3_corpus, tmp_path_factory):
         torch.manual_seed(0)
         model = HaloModel.from_corpus(train_part, HaloConfig.small())
         untrained_val = evaluate_loss(model, val_part, batch_size=48)
-        untrained_ppl = log_likelihood(model, mimic3_corpus.part("test")).per_code_perplexity
+        untrained_ppl = model.log_likelihood(mimic3_corpus.part("test")).per_code_perplexity
         run = tmp_path_factory.mktemp("halo_run")
         config = TrainConfig(optimizer="adam", lr=1e-3, batch_size=12, max_steps=STEPS, max_epochs=10_000,
                              lr_schedule="cosine", eval_every=200, checkpoint_every=10**9, device="cpu")
@@ -46,8 +46,8 @@ def test_validation_loss_drops(trained):
     _, result, untrained_val, _, _ = trained
     val = [h["val_loss"] for h in result.history if "val_loss" in h]
     assert result.steps == STEPS and len(val) == STEPS // 200
-    # the validation value is the exact NLL in nats per code (34 untrained, about 5.6 trained here)
-    assert min(val) < 0.2 * untrained_val, f"validation NLL {untrained_val:.4f} -> {val}: expected an 80% drop"
+    # the exact per-token NLL (structural zeros no longer count): 26.8 -> 4.3 at its best, then it overfits
+    assert min(val) < 0.2 * untrained_val, f"validation loss {untrained_val:.4f} -> {val}: expected an 80% drop"
 
 
 def test_generated_records_resemble_the_training_data(trained, mimic3_corpus):
@@ -68,7 +68,7 @@ def test_generated_records_resemble_the_training_data(trained, mimic3_corpus):
 
 def test_held_out_likelihood_improves(trained, mimic3_corpus):
     model, _, _, untrained_ppl, _ = trained
-    result = log_likelihood(model, mimic3_corpus.part("test"))
+    result = model.log_likelihood(mimic3_corpus.part("test"))
     assert np.all(np.isfinite(result.patient_log_likelihood))
     assert result.per_code_perplexity < 1e-3 * untrained_ppl
 

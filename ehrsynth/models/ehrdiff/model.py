@@ -35,6 +35,7 @@ from ehrsynth.data.corpus import SEX_NAMES, PatientCorpus, empty_statics
 from ehrsynth.data.view import CorpusView
 from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError
+from ehrsynth.models.conditions import Conditions
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
 from ehrsynth.models.ehrdiff.network import EDMLoss, EDMPrecond, MLPDenoiser
 from ehrsynth.models.ehrdiff.sampling import (
@@ -356,14 +357,9 @@ class EHRDiffModel(GenerativeModel):
             return {}
         if not self.attributes:
             raise ConfigError(f"conditions {conditions!r} need a model trained with EHRDiffConfig(conditional=True)")
-        parsed = {}
-        for key, value in conditions.items():
-            name = key[len("label:"):] if key.startswith("label:") else key
-            if name not in self.attributes:
-                raise ConfigError(f"unknown condition {key!r}; this model conditions on "
-                                  f"{[a if a == 'sex' else 'label:' + a for a in self.attributes]!r}")
-            parsed[name] = _parse_condition(key, value)
-        return parsed
+        parsed = Conditions.parse(conditions, labels=[a for a in self.attributes if a != "sex"],
+                                  sex="sex" in self.attributes)
+        return {**parsed.labels, **({} if parsed.sex is None else {"sex": parsed.sex})}
 
     def _to_corpus(self, chunk: _Chunk, *, seed: int, conditions: dict[str, str] | None,
                    sampling: EHRDiffSampling | None) -> PatientCorpus:
@@ -422,16 +418,3 @@ def data_density(corpus: PatientCorpus | CorpusView, *, model_statics: bool = Fa
         ones += float(np.asarray(corpus.labels)[patients].sum()) + float((np.asarray(corpus.sex)[patients] >= 0).sum())
         width += len(corpus.label_names) + 2
     return ones / (len(patients) * width)
-
-
-def _parse_condition(key: str, value: Any) -> int:
-    text = str(value).strip().lower()
-    if key == "sex":
-        if text.upper() in SEX_NAMES:
-            return SEX_NAMES.index(text.upper())
-        raise ConfigError(f"condition 'sex' must be one of {list(SEX_NAMES)!r}, got {value!r}")
-    if text in ("0", "false"):
-        return 0
-    if text in ("1", "true"):
-        return 1
-    raise ConfigError(f"condition {key!r} must be '0' or '1', got {value!r}")

@@ -15,23 +15,24 @@ fine head decides the most frequent codes first. That order is deterministic (th
 without a seed). Histories longer than ``n_ctx - 3`` visits keep their last ``n_ctx - 3`` visits -- the recent
 history is what the next visit depends on -- and the age bucket is taken at the first kept visit.
 
-Fine order. The fine head decides a row's columns in the layout order, except that by default
-(``HaloConfig.end_first``) the end token comes first: "is this the end row?" is one Bernoulli given the history,
-then a visit's codes given that it is not. Decided last (after every code, as the reference's last column), a
-row ends only when all V codes drew 0 -- a probability a lightly trained model puts near zero when it is unsure
-whether another visit follows, so its records run on. MIMIC-III demo, small config, 800 steps, seeds 0-3:
-1.8 to 39 generated visits per patient with the end token last, 1.1 to 1.9 with it first (data: 1.3). The
-column layout is the same either way.
+Structure by construction. Every record the model can produce is valid the way the training corpus is:
 
-Structural zeros. Each row kind has its "free" columns, the ones the model decides: the static row its
-label/sex/age columns; a visit row its codes, its gap bins (not the first visit) and the end token. Every other
-column of that row is 0 by construction and is never sampled or scored. Three exact constraints of the record
-space are also built in, each triggered only by a 1 earlier in the fine order (so they never break it): one
-sex, one age bucket and one gap bin at most (after a 1 in the group the rest of the group is 0), and an end row
-holds nothing but the end token (end first: a 1 there closes the row; end last: it is decided only on an
-otherwise empty row). The model's distribution over records is the product, over rows and free columns, of the
-fine head's Bernoulli conditionals; the sampler draws from it and :mod:`.likelihood` scores it. The row at
-index ``n_ctx - 1``, when reached, is the end row by construction (the window is full).
+* the static row holds exactly one sex column and exactly one age bucket (an explicit "unknown" column when
+  the training data has unknown sex or age: ``ColumnLayout.sex_unknown`` / ``age_unknown``);
+* every visit after the first holds exactly one gap bin ("unknown" only when the training data has unknown gaps);
+* a visit holds at least one code unless the training corpus keeps empty visits (``empty_visits``), and the
+  first visit row may be the end row only when the training corpus has records without visits.
+
+The fine head decides a row in its fine order -- the end token first, then the columns in layout order -- as a
+sequence of exact conditionals of three kinds (:mod:`.likelihood` scores them, :mod:`.sampling` draws them):
+
+* the first step of a visit row is one categorical over {end, code 0, ..., code V-1, no code}: "end" makes the
+  row the end row, "no code" (allowed only with ``empty_visits``) an empty visit, code c the visit's lowest code;
+* the codes after that first code, and the static row's labels, are Bernoulli columns (MADE chain);
+* sex, age bucket and gap bin are one categorical (softmax over the group's columns) each.
+
+Every other column of a row is 0 by construction and is never sampled or scored. The row at index
+``n_ctx - 1``, when reached, is the end row by construction (the window is full).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from ehrsynth.data.vocab import Vocabulary
 
 # row kinds: which columns a row decides
 STATIC, FIRST_VISIT, VISIT, UNSCORED = 0, 1, 2, 3
+# the validity flags of a layout, learnt from the training corpus (HaloModel keeps them in meta.extra["structure"])
+STRUCTURE_FLAGS = ("sex_unknown", "age_unknown", "gap_unknown", "empty_visits", "zero_visits")
 
 
 def bin_index(values: np.ndarray, edges: tuple[float, ...]) -> np.ndarray:
@@ -74,15 +77,17 @@ def bin_values(edges: tuple[float, ...]) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class ColumnLayout:
-    """Where each kind of column sits; see the module docstring for the picture.
+    """Where each kind of column sits, and which records are valid; see the module docstring.
 
     Attributes:
         n_codes: vocabulary size V (code id i is column i).
         label_names: labels on the static row.
-        sex: whether the static row has the F and M columns.
-        age_edges: lower edges of the age buckets (one column each).
-        gap_edges: lower edges of the gap bins (one column each).
-        end_first: the fine head decides the end token before the other columns (see the module docstring).
+        sex: whether the static row has the sex group (F, M, and "unknown" with ``sex_unknown``).
+        age_edges: lower edges of the age buckets (one column each, plus "unknown" with ``age_unknown``).
+        gap_edges: lower edges of the gap bins (one column each, plus "unknown" with ``gap_unknown``).
+        sex_unknown, age_unknown, gap_unknown: the training data has unknown values of that group.
+        empty_visits: visits without a code are valid (the training corpus keeps empty visits).
+        zero_visits: records without a visit are valid.
     """
 
     n_codes: int
@@ -90,7 +95,11 @@ class ColumnLayout:
     sex: bool
     age_edges: tuple[float, ...]
     gap_edges: tuple[float, ...]
-    end_first: bool = True
+    sex_unknown: bool = False
+    age_unknown: bool = False
+    gap_unknown: bool = False
+    empty_visits: bool = False
+    zero_visits: bool = False
 
     @property
     def label_start(self) -> int:
@@ -102,16 +111,16 @@ class ColumnLayout:
 
     @property
     def age_start(self) -> int:
-        return self.sex_start + (2 if self.sex else 0)
+        return self.sex_start + ((2 + self.sex_unknown) if self.sex else 0)
 
     @property
     def gap_start(self) -> int:
-        return self.age_start + len(self.age_edges)
+        return self.age_start + ((len(self.age_edges) + self.age_unknown) if self.age_edges else 0)
 
     @property
     def start(self) -> int:
         """Column of the start token (then end, then pad)."""
-        return self.gap_start + len(self.gap_edges)
+        return self.gap_start + ((len(self.gap_edges) + self.gap_unknown) if self.gap_edges else 0)
 
     @property
     def end(self) -> int:
@@ -127,10 +136,8 @@ class ColumnLayout:
 
     @property
     def order(self) -> np.ndarray:
-        """(C,) int64: the column the fine head decides at each position."""
+        """(C,) int64: the column the fine head decides at each position (the end token, then the columns)."""
         columns = np.arange(self.n_columns, dtype=np.int64)
-        if not self.end_first:
-            return columns
         return np.concatenate([[self.end], columns[columns != self.end]])
 
     @property
@@ -140,11 +147,16 @@ class ColumnLayout:
 
     def column_names(self) -> list[str]:
         """Human-readable names of all columns, in order (codes by their vocabulary index)."""
+        def bins(kind: str, edges: tuple[float, ...], unknown: bool) -> list[str]:
+            if not edges:
+                return []
+            names = [f"{kind}:[{lo:g},{hi:g})" for lo, hi in zip(edges, (*edges[1:], np.inf))]
+            return names + ([f"{kind}:unknown"] if unknown else [])
+
         names = [f"code:{i}" for i in range(self.n_codes)]
         names += [f"label:{n}" for n in self.label_names]
-        names += [f"sex:{s}" for s in SEX_NAMES] if self.sex else []
-        names += [f"age:[{lo:g},{hi:g})" for lo, hi in zip(self.age_edges, (*self.age_edges[1:], np.inf))]
-        names += [f"gap:[{lo:g},{hi:g})" for lo, hi in zip(self.gap_edges, (*self.gap_edges[1:], np.inf))]
+        names += ([f"sex:{s}" for s in SEX_NAMES] + (["sex:unknown"] if self.sex_unknown else [])) if self.sex else []
+        names += bins("age", self.age_edges, self.age_unknown) + bins("gap", self.gap_edges, self.gap_unknown)
         return names + ["<start>", "<end>", "<pad>"]
 
     def free_table(self) -> np.ndarray:
@@ -152,22 +164,30 @@ class ColumnLayout:
         table = np.zeros((4, self.n_columns), dtype=bool)
         table[STATIC, self.label_start:self.gap_start] = True
         table[FIRST_VISIT, :self.n_codes] = True
-        table[FIRST_VISIT, self.end] = True
-        table[VISIT] = table[FIRST_VISIT]
+        table[FIRST_VISIT, self.end] = self.zero_visits
+        table[VISIT, :self.n_codes] = True
+        table[VISIT, self.end] = True
         table[VISIT, self.gap_start:self.start] = True
         return table
 
-    def groups(self) -> np.ndarray:
-        """(C,) int64: the one-hot group of each column (0 sex, 1 age, 2 gap) or -1."""
-        group = np.full(self.n_columns, -1, dtype=np.int64)
-        group[self.sex_start:self.age_start] = 0
-        group[self.age_start:self.gap_start] = 1
-        group[self.gap_start:self.start] = 2
-        return group
-
     def group_spans(self) -> list[tuple[int, int]]:
+        """Column spans of the categorical groups that exist: sex, age bucket, gap bin."""
         spans = [(self.sex_start, self.age_start), (self.age_start, self.gap_start), (self.gap_start, self.start)]
         return [(a, b) for a, b in spans if b > a]
+
+    def group_first(self) -> np.ndarray:
+        """(C,) int64 in fine order: the first position of each position's categorical group (itself when it is
+        in none). A group's logits see only the columns before the group, so they form one softmax."""
+        first = np.arange(self.n_columns, dtype=np.int64)
+        rank = self.rank
+        for a, b in self.group_spans():
+            first[rank[a]:rank[b - 1] + 1] = rank[a]
+        return first
+
+    @property
+    def n_first(self) -> int:
+        """Outcomes of a visit row's first step: end, the V codes, and "no code"."""
+        return self.n_codes + 2
 
 
 @dataclass(frozen=True)
@@ -241,6 +261,8 @@ def encode_records(
         later = v_row > 2
         gap = days[visits[later]].astype(np.float64) - days[visits[later] - 1]
         bins = bin_index(gap, layout.gap_edges)
+        if layout.gap_unknown:
+            bins[bins < 0] = len(layout.gap_edges)
         known = bins >= 0
         parts.append((v_batch[later][known], v_row[later][known], layout.gap_start + bins[known]))
 
@@ -253,6 +275,8 @@ def encode_records(
         parts.append((lb, np.ones_like(lb), layout.label_start + lc))
     if layout.sex:
         sex = np.asarray(corpus.sex)[patients].astype(np.int64)
+        if layout.sex_unknown:
+            sex[sex < 0] = len(SEX_NAMES)
         known = np.flatnonzero(sex >= 0)
         parts.append((known, np.ones_like(known), layout.sex_start + sex[known]))
     if layout.age_edges:
@@ -262,6 +286,8 @@ def encode_records(
         shift[has] = np.nan_to_num(days[first[has]].astype(np.float64)) / 365.25
         buckets = bin_index(np.asarray(corpus.age_at_first_visit)[patients].astype(np.float64) + shift,
                             layout.age_edges)
+        if layout.age_unknown:
+            buckets[buckets < 0] = len(layout.age_edges)
         known = np.flatnonzero(buckets >= 0)
         parts.append((known, np.ones_like(known), layout.age_start + buckets[known]))
 
@@ -296,35 +322,21 @@ def input_rows(lengths: np.ndarray, device: torch.device | None = None) -> dict[
     return {"input_rows": torch.from_numpy(rows).to(device or "cpu"), "n_rows": n_rows}
 
 
+def row_kinds(rows: torch.Tensor, lengths: torch.Tensor, n_ctx: int) -> torch.Tensor:
+    """Kind of record row ``rows`` of records with ``lengths`` visits (broadcast): the static row, visits, the
+    end row (a visit-kind row that holds only the end token), and UNSCORED for padding and for an end row forced
+    by a full window (row n_ctx - 1)."""
+    last = lengths + 2  # the end row
+    kind = torch.where(rows <= last, VISIT, UNSCORED)
+    kind = torch.where(rows == 2, FIRST_VISIT, kind)
+    kind = torch.where(rows == 1, STATIC, kind)
+    return torch.where((rows == n_ctx - 1) & (rows == last), UNSCORED, kind)
+
+
 def target_row_kinds(lengths: torch.Tensor, n_rows: int, n_ctx: int) -> torch.Tensor:
-    """(B, T-1) kind of target rows 1..T-1: the static row, visits, the end row (a visit-kind row that holds
-    only the end token), and UNSCORED for padding and for an end row forced by a full window (row n_ctx - 1)."""
+    """(B, T-1) kind of target rows 1..T-1 (:func:`row_kinds`)."""
     rows = torch.arange(1, n_rows, device=lengths.device)  # (T-1,)
-    last = lengths[:, None] + 2  # (B, 1) the end row
-    kind = torch.full((lengths.shape[0], n_rows - 1), UNSCORED, dtype=torch.int64, device=lengths.device)
-    kind = torch.where(rows <= last, torch.tensor(VISIT, device=lengths.device), kind)
-    kind = torch.where(rows == 2, torch.tensor(FIRST_VISIT, device=lengths.device), kind)
-    kind = torch.where(rows == 1, torch.tensor(STATIC, device=lengths.device), kind)
-    return torch.where((rows == n_ctx - 1) & (rows == last), torch.tensor(UNSCORED, device=lengths.device), kind)
-
-
-def constrained_free(targets: torch.Tensor, kinds: torch.Tensor, layout: ColumnLayout) -> torch.Tensor:
-    """(..., C) bool: the columns the model decides in each target row, given the row's own ones.
-
-    The row kind's free columns, minus a one-hot group's columns after its first 1, minus what an end row
-    excludes: the columns after an end token of 1, and an end token after a 1 (see the module docstring).
-    """
-    table = torch.as_tensor(layout.free_table(), device=targets.device)
-    free = table[kinds].clone()  # (..., C)
-    for a, b in layout.group_spans():
-        group = targets[..., a:b]
-        seen = torch.cumsum(group, dim=-1) - group  # ones strictly before each column of the group
-        free[..., a:b] &= seen == 0
-    rank = torch.as_tensor(layout.rank, device=targets.device)
-    before, after = rank < rank[layout.end], rank > rank[layout.end]  # (C,) in fine order
-    free[..., layout.end] &= (targets * before).sum(-1) == 0
-    free &= ~(after & (targets[..., layout.end:layout.end + 1] > 0))
-    return free
+    return row_kinds(rows[None, :], lengths[:, None], n_ctx)
 
 
 def decode_records(
@@ -371,7 +383,7 @@ def decode_records(
     first_visits = visit_offsets[:-1][n_visits > 0]
     gaps[first_visits] = 0.0
     is_gap = (vcol >= layout.gap_start) & (vcol < layout.start)
-    gaps[visit[is_gap]] = np.asarray(gap_days, dtype=np.float64)[vcol[is_gap] - layout.gap_start]
+    gaps[visit[is_gap]] = np.append(np.asarray(gap_days, dtype=np.float64), np.nan)[vcol[is_gap] - layout.gap_start]
     unknown = np.cumsum(np.isnan(gaps))
     running = np.cumsum(np.nan_to_num(gaps))
     start_of = np.repeat(visit_offsets[:-1], n_visits)  # first visit of each visit's patient
@@ -385,9 +397,11 @@ def decode_records(
     labels[sp[is_label], sc[is_label] - layout.label_start] = 1
     statics = empty_statics(P)
     is_sex = (sc >= layout.sex_start) & (sc < layout.age_start)
-    statics["sex"][sp[is_sex]] = sc[is_sex] - layout.sex_start
+    statics["sex"][sp[is_sex]] = np.where(sc[is_sex] - layout.sex_start < len(SEX_NAMES), sc[is_sex] - layout.sex_start,
+                                          -1)
     is_age = (sc >= layout.age_start) & (sc < layout.gap_start)
-    statics["age_at_first_visit"][sp[is_age]] = np.asarray(age_years, dtype=np.float32)[sc[is_age] - layout.age_start]
+    ages = np.append(np.asarray(age_years, dtype=np.float32), np.float32(np.nan))  # the last: "unknown"
+    statics["age_at_first_visit"][sp[is_age]] = ages[sc[is_age] - layout.age_start]
 
     ids = np.char.add("halo-", np.arange(first_patient, first_patient + P).astype(str)).astype(object)
     return PatientCorpus(

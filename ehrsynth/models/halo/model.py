@@ -4,10 +4,12 @@ What differs from the reference code, and why:
 
 * Rows: start, static (labels + sex + age bucket), visits (codes + gap bin), then a separate end row (the
   paper's layout; the reference code put the end token inside the last visit row and had no sex, age or time).
-* The fine head decides a row's end token first (``HaloConfig.end_first``, see :mod:`.encoding`); the rest of
-  the row in column order. ``end_first=False`` decides it last, as the reference's last column.
+* Structure by construction (:mod:`.encoding`): a visit row starts with one categorical {end, lowest code,
+  no code}, so empty visits are impossible unless the training corpus has them; sex, age bucket and gap bin are
+  one softmax each (with "unknown" only where the training data has unknowns), so every record has exactly one
+  of each and every visit after the first a gap.
 * Code order inside a visit is the vocabulary order (descending training count), not an unseeded shuffle.
-* The loss is binary cross-entropy *with logits*, averaged over the scored rows only: padding neither costs
+* The loss is the exact negative log-likelihood of the scored rows, per one in them: padding neither costs
   compute (records are packed into one block-diagonal causal sequence, or padded to the batch's longest record,
   whichever is cheaper; never to n_ctx) nor dilutes the mean (the reference averaged over all n_ctx rows,
   padding included).
@@ -23,18 +25,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.corpus import PatientCorpus, ragged_indices
 from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
 from ehrsynth.models.dates import date_chunks, date_generated
 from ehrsynth.models.dates import fit as fit_dates
 from ehrsynth.models.halo.config import HaloConfig
-from ehrsynth.models.halo.encoding import ColumnLayout, bin_values, dense_rows, encode_records, input_rows
-from ehrsynth.models.halo.likelihood import LikelihoodResult, log_likelihood, row_log_likelihood
-from ehrsynth.models.halo.network import CoarseTransformer, FineHead, packed_mask
+from ehrsynth.models.halo.encoding import (
+    STRUCTURE_FLAGS, UNSCORED, ColumnLayout, bin_values, dense_rows, encode_records, input_rows, row_kinds,
+)
+from ehrsynth.models.halo.likelihood import LikelihoodResult, factor_log_likelihood, log_likelihood
+from ehrsynth.models.halo.network import CoarseTransformer, FineHead, HaloNetwork, packed_mask
+from ehrsynth.models.halo.sampling import Decoding, GenerationConfig, sample, sample_stream
 
 
 class HaloModel(GenerativeModel):
@@ -48,22 +52,26 @@ class HaloModel(GenerativeModel):
 
     family = "halo"
     config_class = HaloConfig
-    validation_unit = "code"
+    validation_unit = "token"  # codes, statics, gap bins and end tokens: the ones validation_loss scores
 
     def __init__(self, config: HaloConfig, meta: CorpusMeta) -> None:
         super().__init__(config, meta)
+        structure = meta.extra.get("structure", {})
         self.layout = ColumnLayout(
             n_codes=len(meta.codes),
             label_names=tuple(meta.label_names) if config.use_labels else (),
             sex=config.use_sex,
             age_edges=config.age_bucket_edges,
             gap_edges=config.gap_bin_edges,
-            end_first=config.end_first,
+            **{k: bool(structure.get(k, False)) for k in STRUCTURE_FLAGS},
         )
         C = self.layout.n_columns
         self.coarse = CoarseTransformer(C, config.n_embd, config.n_head, config.n_layer, config.n_ctx,
                                         dropout=config.dropout, eps=config.layer_norm_eps)
-        self.fine = FineHead(config.n_embd, C, config.fine_hidden, order=torch.as_tensor(self.layout.order))
+        self.fine = FineHead(config.n_embd, C, config.fine_hidden, order=torch.as_tensor(self.layout.order),
+                             group_first=torch.as_tensor(self.layout.group_first()), n_first=self.layout.n_first,
+                             direct=config.fine_head == "made_direct",
+                             rank=config.fine_rank if config.fine_head == "made_lowrank" else 0)
         self.gap_days = tuple(meta.extra.get("gap_bin_days", bin_values(config.gap_bin_edges)))
         self.age_years = tuple(meta.extra.get("age_bucket_years", bin_values(config.age_bucket_edges)))
         self._code_map: tuple[Any, np.ndarray | None] | None = None  # (corpus vocabulary, its column map)
@@ -90,6 +98,7 @@ class HaloModel(GenerativeModel):
                           f"({int(over.sum())} earlier visits dropped)", stacklevel=2)
         meta = CorpusMeta.from_corpus(
             view,
+            structure=corpus_structure(view),
             gap_bin_edges=list(config.gap_bin_edges),
             gap_bin_days=list(bin_values(config.gap_bin_edges)),
             age_bucket_edges=list(config.age_bucket_edges),
@@ -127,19 +136,13 @@ class HaloModel(GenerativeModel):
         return {"ones": torch.from_numpy(encoded.ones), "lengths": torch.from_numpy(encoded.lengths),
                 **input_rows(encoded.lengths)}
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced logits of every target row: ((B, T-1, C) logits of rows 1..T-1, (B, T, C) rows)."""
-        x = dense_rows(batch["ones"], batch["lengths"], self.layout.n_columns, n_rows=batch.get("n_rows"))
-        h = self.coarse(x[:, :-1])  # (B, T-1, d): h_t summarises rows <= t
-        return self.fine(h, x[:, 1:]), x
-
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean binary cross-entropy (with logits) over all columns of the scored rows: the static row, the
-        visit rows and the end row of each record. See :meth:`loss`."""
+        """The training loss: the exact negative log-likelihood of the scored rows (the static row, the visit
+        rows and the end row of each record) per one in those rows. See :meth:`loss`."""
         return self.loss(batch)
 
     def loss(self, batch: dict[str, torch.Tensor], *, packed: bool | None = None) -> torch.Tensor:
-        """The training loss, computed on only the rows that exist: padding rows cost nothing.
+        """The training loss (:meth:`forward`), computed on only the rows that exist: padding costs nothing.
 
         ``packed=False`` runs the coarse module on the batch padded to its longest record. ``packed=True``
         concatenates the records' rows into one sequence with their own positions and a block-diagonal causal
@@ -147,6 +150,16 @@ class HaloModel(GenerativeModel):
         rows per record against a longest record of 10-20). Both give the same loss; None picks the cheaper
         by a cost model of the linear layers and attention.
         """
+        nll, units = self._row_nll(batch, packed)
+        return nll / units.clamp_min(1)
+
+    def validation_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the exact negative log-likelihood of the batch's scored rows, number of units): the units
+        are the ones of those rows -- codes, labels, sex, age bucket, gap bins and end tokens -- so the ratio
+        is a per-token NLL of exactly the factors :mod:`.likelihood` scores (structural zeros never count)."""
+        return self._row_nll(batch, None)
+
+    def _row_nll(self, batch: dict[str, torch.Tensor], packed: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
         if "input_rows" not in batch:  # a batch built by hand: derive the host-side sizes (reads the device)
             batch = {**batch, **input_rows(batch["lengths"].cpu().numpy(), device=batch["lengths"].device)}
         x = dense_rows(batch["ones"], batch["lengths"], self.layout.n_columns, n_rows=batch["n_rows"])  # (B, T, C)
@@ -164,20 +177,11 @@ class HaloModel(GenerativeModel):
         else:
             h = self.coarse(x[:, :-1]).reshape(B * (T - 1), -1).index_select(0, rows)  # (N, d)
         targets = flat.index_select(0, targets)  # (N, C): the row after each input row
-        return F.binary_cross_entropy_with_logits(self.fine(h, targets), targets)
-
-    def validation_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(exact negative log-likelihood of the batch's records in nats, their code occurrences).
-
-        The likelihood is the sampler's: every scored row (static, visits, end) over its free columns only,
-        structural zeros excluded (:func:`.likelihood.row_log_likelihood`), unlike the training loss, which
-        scores every column. The loop divides the sums, so validation reads in nats per code occurrence (the
-        whole record's NLL spread over its codes; exp of it is a per-code perplexity).
-        """
-        nll = -row_log_likelihood(self, batch).sum()
-        C, T = self.layout.n_columns, batch["n_rows"]
-        column, row = batch["ones"] % C, (batch["ones"] // C) % T
-        return nll, ((column < self.layout.n_codes) & (row >= 2)).sum()
+        kinds = row_kinds(positions + 1, batch["lengths"][record], self.config.n_ctx)  # (N,)
+        logits, first = self.fine(h, targets)
+        ll = factor_log_likelihood(logits, first, targets, kinds, self.layout)  # (N,)
+        units = torch.where((kinds != UNSCORED)[:, None], targets, 0.0).sum()
+        return -ll.sum(), units
 
     # ---- vocabulary and labels of another corpus ------------------------------------------------------------
     def code_map(self, corpus: PatientCorpus) -> np.ndarray | None:
@@ -205,25 +209,40 @@ class HaloModel(GenerativeModel):
             raise ConfigError(f"corpus lacks the model's label(s) {missing!r}; it has {list(corpus.label_names)!r}")
         return np.array([corpus.label_names.index(n) for n in self.layout.label_names], dtype=np.int64)
 
+    # ---- the pieces the sampler and the likelihood take ------------------------------------------------------
+    @property
+    def network(self) -> HaloNetwork:
+        return HaloNetwork(self.coarse, self.fine)
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(codes=tuple(self.meta.codes), gap_days=self.gap_days, age_years=self.age_years)
+
     # ---- likelihood ----------------------------------------------------------------------------------------
     def log_likelihood(self, corpus: PatientCorpus, *, batch_size: int = 256,
                        unknown: Literal["error", "drop"] = "error") -> LikelihoodResult:
-        """Exact log-likelihood of every patient of ``corpus`` (:func:`.likelihood.log_likelihood`)."""
-        return log_likelihood(self, corpus, batch_size=batch_size, unknown=unknown)
+        """Exact log-likelihood of every patient of ``corpus`` (:func:`.likelihood.log_likelihood`), its codes
+        matched by typed string and its labels by name.
+
+        Raises:
+            ConfigError: for unknown codes with ``unknown="error"`` or a missing label.
+        """
+        return log_likelihood(self.network, self.layout, corpus, code_map=self.code_map(corpus),
+                              label_columns=self.label_columns(corpus), batch_size=batch_size, unknown=unknown)
 
     def patient_log_likelihood(self, corpus: PatientCorpus, *, batch_size: int = 256,
                                unknown: Literal["error", "drop"] = "error") -> np.ndarray:
         """(P,) log p(record) in nats of every patient of ``corpus`` (for the likelihood membership attack)."""
-        return log_likelihood(self, corpus, batch_size=batch_size, unknown=unknown).patient_log_likelihood
+        return self.log_likelihood(corpus, batch_size=batch_size, unknown=unknown).patient_log_likelihood
 
     def perplexity(self, corpus: PatientCorpus, *, batch_size: int = 256,
                    unknown: Literal["error", "drop"] = "error") -> dict[str, Any]:
         """Per-code and per-visit perplexity of ``corpus`` and what was scored, as a JSON-able dict.
 
         per_code = exp(-(sum of visit-row log-likelihoods) / code occurrences), per_visit likewise per visit;
-        a visit row's log-likelihood covers all its columns (codes present and absent, gap bin, not-the-end).
+        a visit row's log-likelihood covers all its factors (first step, later codes, gap bin).
         """
-        result = log_likelihood(self, corpus, batch_size=batch_size, unknown=unknown)
+        result = self.log_likelihood(corpus, batch_size=batch_size, unknown=unknown)
         return {
             "per_code_perplexity": result.per_code_perplexity,
             "per_visit_perplexity": result.per_visit_perplexity,
@@ -266,10 +285,10 @@ class HaloModel(GenerativeModel):
             vocabulary (counts = generated visit counts), split all train; days, dates, ages and birth years
             drawn by :mod:`ehrsynth.models.dates` (visit_start NaT for a model saved without a date model).
         """
-        from ehrsynth.models.halo.sampling import sample
-
-        corpus = sample(self, n, generator=torch.Generator().manual_seed(_seed(seed)), conditions=conditions,
-                        condition=condition, batch_size=batch_size, progress=progress)
+        config = GenerationConfig(conditions=conditions or {}, condition=condition, batch_size=batch_size,
+                                  progress=progress)
+        corpus = sample(self.network, self.layout, self.decoding, n,
+                        generator=torch.Generator().manual_seed(_seed(seed)), config=config)
         corpus.stats["seed"] = int(seed)
         return date_generated(self.meta.extra, corpus, seed=seed)
 
@@ -286,13 +305,32 @@ class HaloModel(GenerativeModel):
     ) -> Iterator[PatientCorpus]:
         """Like :meth:`generate`, yielding corpora of up to ``chunk_size`` patients (bounded memory); patient
         ids continue across chunks and the patients are the same as :meth:`generate`'s."""
-        from ehrsynth.models.halo.sampling import sample_stream
-
+        config = GenerationConfig(conditions=conditions or {}, condition=condition, batch_size=batch_size,
+                                  chunk_size=chunk_size, progress=progress)
         for corpus in date_chunks(self.meta.extra, sample_stream(
-                self, n, generator=torch.Generator().manual_seed(_seed(seed)), conditions=conditions,
-                condition=condition, batch_size=batch_size, chunk_size=chunk_size, progress=progress), seed=seed):
+                self.network, self.layout, self.decoding, n, generator=torch.Generator().manual_seed(_seed(seed)),
+                config=config), seed=seed):
             corpus.stats["seed"] = int(seed)
             yield corpus
+
+
+def corpus_structure(view: CorpusView) -> dict[str, bool]:
+    """Which kinds of record the training patients contain (the layout's validity flags, :mod:`.encoding`):
+    unknown sex, unknown age, unknown gaps, empty visits (a corpus built with ``--empty keep``), records
+    without visits. What they lack, the model can never generate."""
+    corpus, patients = view.corpus, view.patients
+    vo, co = np.asarray(corpus.visit_offsets), np.asarray(corpus.code_offsets)
+    visits = ragged_indices(vo[patients], vo[patients + 1])
+    later = visits[np.isin(visits, vo[patients], invert=True)]  # visits after each patient's first
+    days = np.asarray(corpus.visit_days)
+    return {
+        "sex_unknown": bool((np.asarray(corpus.sex)[patients] < 0).any()),
+        "age_unknown": bool(np.isnan(np.asarray(corpus.age_at_first_visit)[patients]).any()),
+        "gap_unknown": bool(np.isnan(days[later].astype(np.float64) - days[later - 1]).any()),
+        "empty_visits": bool((co[visits + 1] == co[visits]).any())
+        or corpus.stats.get("options", {}).get("empty") == "keep",  # built with --empty keep
+        "zero_visits": bool((vo[patients + 1] == vo[patients]).any()),
+    }
 
 
 def unknown_code_names(corpus: PatientCorpus, code_ids: np.ndarray, limit: int = 10) -> list[str]:

@@ -5,8 +5,9 @@
   its output h_t summarises rows <= t. Attention keeps an optional KV cache, so sampling pays one position per
   new visit instead of recomputing the prefix.
 * Fine (code-level) module: two autoregressive masked linear layers over [h_t ; x_{t+1}] with a ReLU between
-  (MADE, Germain et al. 2015). The logit of column k of row t+1 depends on h_t and on columns < k of row t+1
-  only, so one pass gives every conditional p(x_{t+1,k} | x_{t+1,<k}, rows <= t) under teacher forcing.
+  (MADE, Germain et al. 2015), optionally with direct masked input-to-output connections, plus a first-step
+  softmax of h_t. The logit of column k of row t+1 depends on h_t and on the columns of row t+1 decided before
+  k only, so one pass gives every conditional under teacher forcing (see :mod:`.encoding` for the factors).
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ class MaskedLinear(nn.Linear):
     """A Linear whose weight is multiplied by a fixed 0/1 mask (MADE). The mask is rebuilt from the config,
     so it is not saved with the weights."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__(mask.shape[1], mask.shape[0])
+    def __init__(self, mask: torch.Tensor, bias: bool = True) -> None:
+        super().__init__(mask.shape[1], mask.shape[0], bias=bias)
         self.register_buffer("mask", mask.to(torch.bool), persistent=False)  # a quarter of a float mask's memory
 
     def masked_weight(self) -> torch.Tensor:
@@ -171,7 +172,7 @@ class MaskedLinear(nn.Linear):
 
 @dataclass(frozen=True)
 class FineWeights:
-    """The fine head's masked weights laid out for incremental sampling (see :func:`fine_weights`), indexed by
+    """The fine head's weights laid out for incremental sampling (see :func:`fine_weights`), indexed by
     fine-order position (column ``order[i]`` at position i).
 
     Attributes:
@@ -181,6 +182,10 @@ class FineWeights:
         out: (H, C) output weights of the logits, transposed.
         bias2: (C,).
         order: (C,) the column at each position.
+        first: (d, V + 2) the first-step head's weights, transposed; first_bias (V + 2,).
+        direct: (C, C) what a 1 at position i adds to every logit (row i), or None without direct connections.
+        prefix_in, prefix_out: (C, r) the low-rank direct term's factors (a 1 at position i adds
+            ``prefix_in[i]`` to a running (r,) sum; logit k adds its dot with ``prefix_out[k]``), or None.
     """
 
     hist: torch.Tensor
@@ -189,31 +194,41 @@ class FineWeights:
     out: torch.Tensor
     bias2: torch.Tensor
     order: torch.Tensor
+    first: torch.Tensor
+    first_bias: torch.Tensor
+    direct: torch.Tensor | None
+    prefix_in: torch.Tensor | None = None
+    prefix_out: torch.Tensor | None = None
 
 
 class FineHead(nn.Module):
-    """Code-level MADE head over [h ; x], W = d + C inputs.
+    """Code-level head over [h ; x], W = d + C inputs: a MADE over the columns plus a first-step softmax.
 
-    The columns are decided in ``order`` (default: column order): the head gathers x into that order, runs the
-    reference MADE on it and returns the logits in column order. Below, "column k" is position k of the order.
+    The columns are decided in ``order``: the head gathers x into that order, runs the MADE on it and returns
+    the logits in column order. Below, "position k" is position k of the order.
 
-    Degrees: input i has degree i, so h takes 0..d-1 and column k takes d + k. The logit of column k has
-    degree d + k - 1: it may see h and columns < k. A hidden unit of degree m sees inputs <= m, and an output
-    of degree o sees hidden units of degree <= o.
+    Degrees (MADE, Germain et al. 2015): input i has degree i, so h takes 0..d-1 and position k takes d + k.
+    The logit of position k has degree d + g(k) - 1, g(k) = ``group_first[k]`` (k itself outside a categorical
+    group): it sees h and the positions before k's group, so a group's logits form one softmax. A hidden unit
+    of degree m sees inputs <= m, and an output of degree o sees hidden units of degree <= o.
 
-    * ``hidden=None`` (the reference, exactly): two square W x W layers with lower-triangular masks (output o
-      sees inputs <= o), hidden unit o has degree o, and the logits are outputs d-1 .. d+C-2 (the reference's
-      ``[:, :, n_embd-1:-1]``). Parameters: 2 (W^2 + W), about half of them masked to zero.
-    * ``hidden=H``: H hidden units with degrees spread evenly over d-1 .. d+C-2 and a C-output second layer.
-      Parameters: H W + H + C H + C.
-
-    At the paper's scale (d = 768, C = 6,869 columns) the square head holds 116,662,812 parameters and
-    ``hidden=1024`` 14,862,037; on the MIMIC-III demo with the small config (d = 128, C = 604) the square head
-    holds 1,073,112.
+    * ``hidden=None`` (the reference): a square W x W masked first layer (hidden unit o has degree o, as the
+      reference's lower-triangular mask) and a masked C x W output layer -- the reference's second square layer
+      without its d unused outputs. Parameters: W^2 + W + C W + C.
+    * ``hidden=H``: H hidden units with degrees spread evenly over d-1 .. d+C-2. Parameters: H W + H + C H + C.
+    * ``direct=True`` (``fine_head="made_direct"``): a masked C x C linear map from the inputs straight to the
+      logits (MADE's direct connections): every logit gets a linear term in every earlier column, which a
+      MADE's hidden layer gives neighbouring columns through one hidden unit at most. C^2 parameters.
+    * ``rank=r`` (``fine_head="made_lowrank"``): the direct connections with a rank-r weight, logit k +=
+      u_k . (sum of v_j over the ones j before k's group): 2 C r parameters, linear in the vocabulary, and
+      sampled with a running (r,) sum per record.
+    * ``first``: Linear(d -> V + 2), the logits of a visit row's first step {end, code 0..V-1, no code}
+      (:mod:`.encoding`): a function of the history only.
     """
 
     def __init__(self, n_embd: int, n_columns: int, hidden: int | None = None,
-                 order: torch.Tensor | None = None) -> None:
+                 order: torch.Tensor | None = None, *, group_first: torch.Tensor | None = None,
+                 n_first: int = 2, direct: bool = False, rank: int = 0) -> None:
         super().__init__()
         self.n_embd, self.n_columns = n_embd, n_columns
         order = torch.arange(n_columns) if order is None else torch.as_tensor(order, dtype=torch.long)
@@ -223,31 +238,77 @@ class FineHead(nn.Module):
         self.register_buffer("rank", order.argsort(), persistent=False)  # position of each column
         width = n_embd + n_columns
         inputs = torch.arange(width)
-        out_degree = n_embd - 1 + torch.arange(n_columns)  # logit of column k: h and columns < k
-        if hidden is None:
-            square = inputs[:, None] <= inputs[None, :]  # [in, out]: output o sees inputs <= o
-            self.layer1 = MaskedLinear(square.T)
-            self.layer2 = MaskedLinear(square.T)
-            self.logit_rows = slice(n_embd - 1, n_embd - 1 + n_columns)
-        else:
-            degree = n_embd - 1 + torch.arange(hidden) * n_columns // hidden  # in d-1 .. d+C-2
-            self.layer1 = MaskedLinear(inputs[None, :] <= degree[:, None])  # (H, W)
-            self.layer2 = MaskedLinear(degree[None, :] <= out_degree[:, None])  # (C, H)
-            self.logit_rows = slice(0, n_columns)
+        first = torch.arange(n_columns) if group_first is None else torch.as_tensor(group_first, dtype=torch.long)
+        out_degree = n_embd - 1 + first  # logit of position k: h and positions before k's group
+        hidden_degree = inputs if hidden is None else n_embd - 1 + torch.arange(hidden) * n_columns // hidden
+        self.layer1 = MaskedLinear(inputs[None, :] <= hidden_degree[:, None])  # (H, W)
+        self.layer2 = MaskedLinear(hidden_degree[None, :] <= out_degree[:, None])  # (C, H)
+        self.direct = None
+        if direct:
+            self.direct = MaskedLinear(torch.arange(n_columns)[None, :] < first[:, None], bias=False)  # (C, C)
+            nn.init.zeros_(self.direct.weight)
+        self.prefix_in = self.prefix_out = None
+        if rank:
+            self.prefix_in = nn.Parameter(torch.randn(n_columns, rank) * rank ** -0.5)  # v_j
+            self.prefix_out = nn.Parameter(torch.zeros(n_columns, rank))  # u_k: starts as the plain MADE
+        self.register_buffer("group_first", first, persistent=False)
+        self.first = nn.Linear(n_embd, n_first)
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Logits (..., C) of row x (..., C) given the history h (..., d) of the rows before it."""
-        z = torch.relu(self.layer1(torch.cat([h, x[..., self.order]], dim=-1)))  # (..., H), x in fine order
-        w2 = self.layer2.masked_weight()[self.logit_rows]  # (C, H)
-        return F.linear(z, w2, self.layer2.bias[self.logit_rows])[..., self.rank]  # (..., C) in column order
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (..., C) in column order, first-step logits (..., V + 2)) of row x (..., C) given the history
+        h (..., d) of the rows before it."""
+        xo = x[..., self.order]  # (..., C) in fine order
+        z = torch.relu(self.layer1(torch.cat([h, xo], dim=-1)))  # (..., H)
+        logits = self.layer2(z)
+        if self.direct is not None:
+            logits = logits + self.direct(xo)
+        if self.prefix_in is not None:
+            logits = logits + self._prefix(xo)
+        return logits[..., self.rank], self.first(h)
+
+    def _prefix(self, xo: torch.Tensor) -> torch.Tensor:
+        """The low-rank direct term of rows xo (..., C) in fine order: as one masked C x C weight (one matmul;
+        measured faster on CPU) unless the vocabulary is larger than N r and the (N, C, r) running sums stay
+        under 2^25 elements."""
+        C, r = self.prefix_in.shape
+        flat = xo.reshape(-1, C)  # (N, C)
+        if C <= flat.shape[0] * r or flat.shape[0] * C * r > 2**25:
+            mask = torch.arange(C, device=xo.device)[None, :] < self.group_first[:, None]  # [k, j]
+            out = F.linear(flat, (self.prefix_out @ self.prefix_in.T).masked_fill(~mask, 0.0))
+        else:
+            terms = flat[:, :, None] * self.prefix_in  # (N, C, r)
+            before = torch.cumsum(terms, dim=1) - terms  # (N, C, r): sums over the positions before each
+            out = (before[:, self.group_first] * self.prefix_out).sum(-1)
+        return out.view(xo.shape)
+
+
+@dataclass(frozen=True)
+class HaloNetwork:
+    """The two modules the sampler and the likelihood run (they never need the model class)."""
+
+    coarse: CoarseTransformer
+    fine: FineHead
+
+    @property
+    def n_ctx(self) -> int:
+        return self.coarse.n_ctx
+
+    @property
+    def device(self) -> torch.device:
+        return self.coarse.wpe.weight.device
 
 
 def fine_weights(head: FineHead) -> FineWeights:
     """Masked weights of ``head`` split for sampling: layer 1 is W1 [h; x] + b1 = hist-part + sum of the
-    ``cols`` rows of the columns set to 1, so fixing a 1 updates layer 1 with one row instead of a matmul."""
+    ``cols`` rows of the columns set to 1, so fixing a 1 updates layer 1 (and the direct term) with one row
+    instead of a matmul."""
     w1 = head.layer1.masked_weight().detach()  # (H, W)
-    w2 = head.layer2.masked_weight().detach()[head.logit_rows]  # (C, H)
     d = head.n_embd
+    direct = None if head.direct is None else head.direct.masked_weight().detach().T.contiguous()
     return FineWeights(hist=w1[:, :d].T.contiguous(), cols=w1[:, d:].T.contiguous(),
-                       bias1=head.layer1.bias.detach().clone(), out=w2.T.contiguous(),
-                       bias2=head.layer2.bias.detach()[head.logit_rows].clone(), order=head.order.clone())
+                       bias1=head.layer1.bias.detach().clone(), out=head.layer2.masked_weight().detach().T.contiguous(),
+                       bias2=head.layer2.bias.detach().clone(), order=head.order.clone(),
+                       first=head.first.weight.detach().T.contiguous(), first_bias=head.first.bias.detach().clone(),
+                       direct=direct,
+                       prefix_in=None if head.prefix_in is None else head.prefix_in.detach().clone(),
+                       prefix_out=None if head.prefix_out is None else head.prefix_out.detach().clone())

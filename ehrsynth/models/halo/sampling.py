@@ -39,21 +39,19 @@ a trained model at batch sizes 7, 100, 333 and 1,000 came out identical, on one 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ehrsynth.data.corpus import SEX_NAMES, PatientCorpus
+from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.errors import ConfigError
+from ehrsynth.models.conditions import Conditions
 from ehrsynth.models.halo.encoding import FIRST_VISIT, STATIC, VISIT, ColumnLayout, bin_index, decode_records
-from ehrsynth.models.halo.network import FineWeights, fine_weights
-
-if TYPE_CHECKING:
-    from ehrsynth.models.halo.model import HaloModel
+from ehrsynth.models.halo.network import FineWeights, HaloNetwork, fine_weights
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MAX_ATTEMPTS = 10_000  # static rows tried per record by posterior conditioning
@@ -108,44 +106,35 @@ def closing_positions(layout: ColumnLayout) -> np.ndarray:
 
 
 def parse_conditions(layout: ColumnLayout, conditions: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Static-row conditions -> ((C,) columns forced to 1, (C,) columns forced to 0).
-
-    Keys: ``"label:<name>"`` (or the bare label name) with "0"/"1"; ``"sex"`` with "F"/"M"; ``"age"`` with an
-    age in years (its bucket is fixed).
+    """Static-row conditions (:class:`~ehrsynth.models.conditions.Conditions`) -> ((C,) columns forced to 1,
+    (C,) columns forced to 0). Keys: labels "0"/"1", ``"sex"`` "F"/"M", ``"age"`` in years (fixes its bucket).
 
     Raises:
-        ConfigError: for a key the model does not model, or a bad value (both shown).
+        ConfigError: for a key the model does not model, a bad value, or conflicting values (all shown).
     """
+    parsed = Conditions.parse(conditions, labels=layout.label_names, sex=layout.sex, age=bool(layout.age_edges))
     ones = np.zeros(layout.n_columns, dtype=bool)
     zeros = np.zeros(layout.n_columns, dtype=bool)
-    allowed = [f"label:{n}" for n in layout.label_names] + (["sex"] if layout.sex else []) + \
-        (["age"] if layout.age_edges else [])
-    for key, value in (conditions or {}).items():
-        name = key[len("label:"):] if key.startswith("label:") else key
-        text = str(value).strip()
-        if name in layout.label_names:
-            if text.lower() not in ("0", "1", "true", "false"):
-                raise ConfigError(f"condition {key!r} must be '0' or '1', got {value!r}")
-            column = layout.label_start + layout.label_names.index(name)
-            (ones if text.lower() in ("1", "true") else zeros)[column] = True
-        elif key == "sex" and layout.sex:
-            if text.upper() not in SEX_NAMES:
-                raise ConfigError(f"condition 'sex' must be one of {list(SEX_NAMES)!r}, got {value!r}")
-            zeros[layout.sex_start:layout.age_start] = True
-            ones[layout.sex_start + SEX_NAMES.index(text.upper())] = True
-        elif key == "age" and layout.age_edges:
-            try:
-                years = float(text)
-            except ValueError:
-                raise ConfigError(f"condition 'age' must be a number of years, got {value!r}") from None
-            if not np.isfinite(years):
-                raise ConfigError(f"condition 'age' must be a finite number of years, got {value!r}")
-            zeros[layout.age_start:layout.gap_start] = True
-            ones[layout.age_start + int(bin_index(np.array([years]), layout.age_edges)[0])] = True
-        else:
-            raise ConfigError(f"unknown condition {key!r}; this model conditions on {allowed!r}")
+    for name, bit in parsed.labels.items():
+        (ones if bit else zeros)[layout.label_start + layout.label_names.index(name)] = True
+    if parsed.sex is not None:
+        zeros[layout.sex_start:layout.age_start] = True
+        ones[layout.sex_start + parsed.sex] = True
+    if parsed.age is not None:
+        zeros[layout.age_start:layout.gap_start] = True
+        ones[layout.age_start + int(bin_index(np.array([parsed.age]), layout.age_edges)[0])] = True
     zeros &= ~ones
     return ones, zeros
+
+
+def stick_breaking(log_probs: torch.Tensor, log_rest: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, K) log(1 - p_k) of the chain of Bernoullis that draws the categorical ``log_probs`` (n, K) -- plus
+    an outcome "none of them" of log-probability ``log_rest`` (n,), when given -- as "first 1 at k": p_k is
+    the probability of k given that none before it was chosen. Without a rest the last is certain (-inf)."""
+    rest = torch.full_like(log_probs[:, :1], float("-inf")) if log_rest is None else log_rest[:, None]
+    tails = torch.logcumsumexp(torch.cat([log_probs, rest], 1).flip(1), dim=1).flip(1)  # (n, K+1) P(>= k)
+    keep = tails[:, 1:] - tails[:, :-1]
+    return torch.where(torch.isinf(log_probs) & (log_probs < 0), 0.0, keep)  # an impossible outcome: skipped
 
 
 def sample_row(
@@ -157,6 +146,8 @@ def sample_row(
     close_to: torch.Tensor,
     end: int,
     keys: np.ndarray,
+    blocks: list[tuple[int, int]],
+    first: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Exact per-record sampling of one row of every record (see the module docstring). Everything here is
     indexed by fine-order position (:attr:`~.encoding.ColumnLayout.order`), not by column.
@@ -170,9 +161,13 @@ def sample_row(
             ``close_to[j]``; ``close_to[C] = C`` closes a finished row.
         end: the end token's position (a 1 before it, when it comes last, rules it out).
         keys: (b,) uint64 random streams of the records' rows (:func:`stream_keys`).
+        blocks: fine-order spans of the categorical groups (one softmax each).
+        first: (b, V + 2) log-probabilities of a visit row's first step {end (position 0), codes (positions
+            1..V), no code}, or None for the static row.
 
     Returns:
-        ((b, C) float32 sampled row in fine order, number of fine passes).
+        ((b, C) float32 sampled row in fine order, number of fine passes, (b,) float64 log-probability of
+        each sampled row: the sum over passes of log P(this pass's next 1, or none)).
     """
     b, C = pending.shape
     device = h.device
@@ -181,24 +176,44 @@ def sample_row(
     any_pending = pending.any(0).nonzero()
     hi = int(any_pending.max()) + 1 if len(any_pending) else 0  # no position from hi on is decided here
     cols = torch.cat([weights.cols, weights.cols.new_zeros(1, weights.cols.shape[1])])  # (C+1, H), row C = 0
+    direct = None if weights.direct is None else torch.cat([weights.direct, weights.direct.new_zeros(1, C)])
     # the state of the records still sampling (a of them), compacted as they finish
     rows = torch.arange(b, device=device)  # their batch rows
     z1 = torch.addmm(weights.bias1, h, weights.hist)  # (a, H): layer 1 with every column at 0
+    zd = None if direct is None else h.new_zeros(b, C)  # (a, C): direct terms of the ones fixed so far
+    prefix_in = None if weights.prefix_in is None else torch.cat(
+        [weights.prefix_in, weights.prefix_in.new_zeros(1, weights.prefix_in.shape[1])])  # (C+1, r), row C = 0
+    zp = None if prefix_in is None else h.new_zeros(b, prefix_in.shape[1])  # (a, r): sum of v_j of the ones
     pending = pending.clone()
     must = None if must is None else must.clone()
     cursor = torch.zeros(b, dtype=torch.long, device=device)
+    log_prob = torch.zeros(b, dtype=torch.float64, device=device)
     passes = 0
     while True:
         live = pending.any(1)  # records with a position left to decide
         if not bool(live.all()):
             rows, z1, pending, cursor = rows[live], z1[live], pending[live], cursor[live]
+            zd = None if zd is None else zd[live]
+            zp = None if zp is None else zp[live]
             keys = keys[live.cpu().numpy()]
             must = None if must is None else must[live]
+            first = None if first is None else first[live]
         if len(rows) == 0:
             break
         lo = int(cursor.min())
         logits = torch.addmm(weights.bias2[lo:hi], torch.relu(z1), weights.out[:, lo:hi])  # (a, hi-lo)
-        log_keep = torch.where(pending[:, lo:hi], F.logsigmoid(-logits), 0.0)  # log(1 - p_j), undecided j
+        if zd is not None:
+            logits = logits + zd[:, lo:hi]
+        if zp is not None:
+            logits = logits + zp @ weights.prefix_out[lo:hi].T
+        log_keep = F.logsigmoid(-logits)  # log(1 - p_j): the Bernoulli chain
+        for a, z in blocks:  # a categorical group as the chain that draws it (its logits see nothing of it)
+            if a >= lo and z <= hi:
+                log_keep[:, a - lo:z - lo] = stick_breaking(torch.log_softmax(logits[:, a - lo:z - lo], 1))
+        if passes == 0 and first is not None:  # a visit row's first step: {end, codes} with "no code" the rest
+            V = first.shape[1] - 2
+            log_keep[:, :V + 1] = stick_breaking(first[:, :V + 1], first[:, V + 1])
+        log_keep = torch.where(pending[:, lo:hi], log_keep, 0.0)  # undecided positions only
         if must is not None:
             log_keep = log_keep.masked_fill(must[:, lo:hi], float("-inf"))
         survival = torch.cumsum(log_keep, dim=1, dtype=torch.float64)  # log P(no 1 in lo..j)
@@ -206,20 +221,30 @@ def sample_row(
         j = lo + (survival >= threshold[:, None]).sum(1)  # the next 1, or hi when every position drew 0
         passes += 1
         hit = j < hi
+        # log P(first 1 at j) = log P(none before j) + log p_j; log P(none) = the survival over the whole range
+        at = (j - lo).clamp(max=hi - lo - 1)[:, None]
+        before = torch.where(at > 0, survival.gather(1, (at - 1).clamp(min=0)), 0.0)[:, 0]
+        step = torch.log(-torch.expm1(survival.gather(1, at)[:, 0] - before))
+        log_prob[rows] += torch.where(hit, before + step, survival[:, -1])
         j = torch.where(hit, j, C)
         x[(rows * C + j)[hit]] = 1.0
         z1 += cols[j]  # fixing x_j = 1 adds position j's first-layer weights (row C adds nothing)
+        if zd is not None:
+            zd += direct[j]
+        if zp is not None:
+            zp += prefix_in[j]
         cursor = j + 1
         pending &= columns[None, :] > close_to[j][:, None]  # decided: up to j, or to the end of j's group
         pending[:, end] &= ~hit  # a row with a 1 is a visit, not the end row (a no-op when the end comes first)
         if must is not None:
             must &= pending
-    return x.view(b, C), passes
+    return x.view(b, C), passes, log_prob
 
 
 @torch.no_grad()
 def sample_batch(
-    model: HaloModel,
+    network: HaloNetwork,
+    layout: ColumnLayout,
     patients: np.ndarray,
     *,
     key: int,
@@ -227,32 +252,35 @@ def sample_batch(
     forced: tuple[np.ndarray, np.ndarray] | None = None,
     condition: Literal["forced", "posterior"] = "forced",
     counts: PassCounts | None = None,
+    log_prob: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Sample the records of global patient indices ``patients`` together (``forced``: the columns forced to
     1 and to 0 by :func:`parse_conditions`, applied as ``condition`` says; see the module docstring).
+    ``log_prob`` (b,) float64, when given, receives the log-probability of each sampled record: the sum of the
+    sampler's draws (without conditions it equals :mod:`.likelihood`'s log p(record)).
 
     Returns:
         (n_visits (b,), patient (N,), row (N,), column (N,)): the visits of each record and the ones of its
         static and visit rows (local patient indices; no start/end tokens).
     """
-    layout, n_ctx = model.layout, model.config.n_ctx
-    device = model.device
+    coarse, n_ctx, device = network.coarse, network.n_ctx, network.device
     b, C = len(patients), layout.n_columns
     table = torch.as_tensor(layout.free_table(), device=device)
     close_to = torch.as_tensor(closing_positions(layout), device=device)
     order, rank = weights.order.to(device), torch.as_tensor(layout.rank, device=device)
     end = int(rank[layout.end])  # the end token's fine-order position
+    blocks = [(int(layout.rank[a]), int(layout.rank[b - 1]) + 1) for a, b in layout.group_spans()]
     forced_one = forced_zero = None
     if forced is not None and forced[0].any() | forced[1].any():
         forced_one, forced_zero = (torch.as_tensor(f, device=device) for f in forced)
-    cache = model.coarse.new_cache(b)
+    cache = coarse.new_cache(b)
     alive = torch.arange(b, device=device)  # batch rows of the unfinished records
     x = torch.zeros(b, 1, C, device=device)
     x[:, 0, layout.start] = 1.0
     n_visits = np.full(b, n_ctx - 3, dtype=np.int64)  # records that never draw the end fill the window
     found: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     for row in range(1, n_ctx - 1):
-        h = model.coarse(x, cache)[:, -1]  # (a, d) summary of rows < row
+        h = coarse(x, cache)[:, -1]  # (a, d) summary of rows < row
         kind = STATIC if row == 1 else FIRST_VISIT if row == 2 else VISIT
         pending = table[kind].expand(len(alive), C).clone()
         must = None
@@ -263,12 +291,21 @@ def sample_batch(
         ids = patients[alive.cpu().numpy()]  # global patient indices of the unfinished records
         pending = pending[:, order]  # columns -> fine-order positions
         must = None if must is None else must[:, order]
+        first = None
+        if kind != STATIC:  # the first step's categorical {end, codes, no code}, masked to what is valid
+            allowed = torch.ones(len(alive), layout.n_first, dtype=torch.bool, device=device)
+            allowed[:, 0] = pending[:, end]
+            allowed[:, -1] = layout.empty_visits
+            first = torch.addmm(weights.first_bias, h, weights.first).masked_fill(~allowed, float("-inf"))
+            first = torch.log_softmax(first, dim=1)  # (a, V + 2)
         if kind == STATIC and forced_one is not None and condition == "posterior":
             sampled, passes = _posterior_static_row(weights, h, pending, forced_one[order], forced_zero[order],
-                                                    close_to, end, key, ids, n_ctx)
+                                                    close_to, end, key, ids, n_ctx, blocks)
         else:
-            sampled, passes = sample_row(weights, h, pending, must=must, close_to=close_to, end=end,
-                                         keys=stream_keys(key, ids, row))
+            sampled, passes, row_log_prob = sample_row(weights, h, pending, must=must, close_to=close_to, end=end,
+                                                       keys=stream_keys(key, ids, row), blocks=blocks, first=first)
+            if log_prob is not None:
+                log_prob[alive.cpu().numpy()] += row_log_prob.cpu().numpy()
         sampled = sampled[:, rank]  # fine-order positions -> columns
         if counts is not None and kind != STATIC:
             counts.passes += passes
@@ -292,7 +329,8 @@ def sample_batch(
     return n_visits, patient, rows, column
 
 
-def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to, end, key, patients, n_ctx):
+def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to, end, key, patients, n_ctx,
+                          blocks):
     """Static rows drawn until each matches the conditions; attempt a of a record uses its own random stream
     (row index 1 + a * n_ctx, never a visit row's), so a record's result does not depend on the others."""
     b, C = pending.shape
@@ -301,7 +339,8 @@ def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to
     passes = 0
     for attempt in range(MAX_ATTEMPTS):
         keys = stream_keys(key, patients[todo.cpu().numpy()], 1 + attempt * n_ctx)
-        rows, n = sample_row(weights, h[todo], pending[todo], must=None, close_to=close_to, end=end, keys=keys)
+        rows, n, _ = sample_row(weights, h[todo], pending[todo], must=None, close_to=close_to, end=end, keys=keys,
+                                blocks=blocks)
         passes += n
         ok = rows[:, forced_one].all(1) & ~rows[:, forced_zero].bool().any(1)
         out[todo[ok]] = rows[ok]
@@ -313,87 +352,119 @@ def _posterior_static_row(weights, h, pending, forced_one, forced_zero, close_to
                       f"condition='forced'")
 
 
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate (the one generation config; the model and the seed are separate).
+
+    Attributes:
+        conditions: static-row conditions as (key, value) pairs (a dict is accepted): see :func:`parse_conditions`.
+        condition: how conditions apply: ``"forced"`` or ``"posterior"`` (module docstring).
+        batch_size: records sampled together (patient i does not depend on it).
+        chunk_size: patients per yielded corpus (memory is bounded by the chunk).
+        progress: show a tqdm bar.
+    """
+
+    conditions: tuple[tuple[str, str], ...] = ()
+    condition: Literal["forced", "posterior"] = "forced"
+    batch_size: int = 256
+    chunk_size: int = 10_000
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        pairs = self.conditions.items() if isinstance(self.conditions, dict) else (self.conditions or ())
+        object.__setattr__(self, "conditions", tuple((str(k), str(v)) for k, v in pairs))
+        for name in ("batch_size", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.condition not in ("forced", "posterior"):
+            raise ConfigError(f"condition must be 'forced' or 'posterior', got {self.condition!r}")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What turns sampled columns into a corpus: the model vocabulary, the days each gap bin decodes to and
+    the years each age bucket decodes to."""
+
+    codes: tuple[str, ...]
+    gap_days: tuple[float, ...]
+    age_years: tuple[float, ...]
+
+
 def sample_stream(
-    model: HaloModel,
+    network: HaloNetwork,
+    layout: ColumnLayout,
+    decoding: Decoding,
     n: int,
     *,
     generator: torch.Generator,
-    conditions: dict[str, Any] | None = None,
-    condition: Literal["forced", "posterior"] = "forced",
-    batch_size: int = 256,
-    chunk_size: int = 10_000,
-    progress: bool = True,
+    config: GenerationConfig = GenerationConfig(),
     counts: PassCounts | None = None,
 ) -> Iterator[PatientCorpus]:
-    """Sample ``n`` patients in corpora of up to ``chunk_size`` (memory is bounded by the chunk), with a tqdm bar.
+    """Sample ``n`` patients in corpora of up to ``config.chunk_size``, with a tqdm bar when asked.
 
     Args:
-        model: a HALO model.
+        network: the coarse and fine modules.
+        layout: their column layout.
+        decoding: how sampled columns decode.
         n: number of patients.
         generator: seeds the run (one key is drawn from it).
-        conditions: static-row conditions (:func:`parse_conditions`).
-        condition: how conditions apply: ``"forced"`` or ``"posterior"`` (module docstring).
-        batch_size: records sampled together.
-        chunk_size: patients per yielded corpus.
-        progress: show the bar.
+        config: conditions, batch and chunk sizes, progress.
         counts: filled with fine-pass counts when given.
 
     Raises:
-        ConfigError: for a bad ``n``, ``batch_size``, ``chunk_size`` or condition.
+        ConfigError: for a bad ``n`` or condition.
     """
-    for name, value in (("n", n), ("batch_size", batch_size), ("chunk_size", chunk_size)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if condition not in ("forced", "posterior"):
-        raise ConfigError(f"condition must be 'forced' or 'posterior', got {condition!r}")
-    forced = parse_conditions(model.layout, conditions)
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigError(f"n must be a positive integer, got {n!r}")
+    conditions = dict(config.conditions)
+    forced = parse_conditions(layout, conditions)
     key = run_key(generator)
-    was_training = model.training
-    model.eval()
+    modes = (network.coarse.training, network.fine.training)
+    network.coarse.eval()
+    network.fine.eval()
     try:
-        weights = fine_weights(model.fine)
-        with tqdm(total=n, unit="patient", disable=not progress, desc="HALO sampling") as bar:
-            for first in range(0, n, chunk_size):
-                last = min(first + chunk_size, n)
+        weights = fine_weights(network.fine)
+        with tqdm(total=n, unit="patient", disable=not config.progress, desc="HALO sampling") as bar:
+            for first in range(0, n, config.chunk_size):
+                last = min(first + config.chunk_size, n)
                 parts = []
-                for start in range(first, last, batch_size):
-                    patients = np.arange(start, min(start + batch_size, last), dtype=np.int64)
-                    parts.append(sample_batch(model, patients, key=key, weights=weights, forced=forced,
-                                              condition=condition, counts=counts))
+                for start in range(first, last, config.batch_size):
+                    patients = np.arange(start, min(start + config.batch_size, last), dtype=np.int64)
+                    parts.append(sample_batch(network, layout, patients, key=key, weights=weights, forced=forced,
+                                              condition=config.condition, counts=counts))
                     bar.update(len(patients))
-                yield _decode(model, first, parts, conditions, condition)
+                yield _decode(layout, decoding, network.n_ctx - 3, first, parts, conditions, config.condition)
     finally:
-        model.train(was_training)
+        network.coarse.train(modes[0])
+        network.fine.train(modes[1])
 
 
 def sample(
-    model: HaloModel,
+    network: HaloNetwork,
+    layout: ColumnLayout,
+    decoding: Decoding,
     n: int,
     *,
     generator: torch.Generator,
-    conditions: dict[str, Any] | None = None,
-    condition: Literal["forced", "posterior"] = "forced",
-    batch_size: int = 256,
-    progress: bool = False,
+    config: GenerationConfig = GenerationConfig(),
     counts: PassCounts | None = None,
 ) -> PatientCorpus:
     """Sample ``n`` patients as one corpus (:func:`sample_stream` with a single chunk)."""
-    return next(sample_stream(model, n, generator=generator, conditions=conditions, condition=condition,
-                              batch_size=batch_size,
-                              chunk_size=max(int(n), 1) if isinstance(n, (int, np.integer)) else n,
-                              progress=progress, counts=counts))
+    chunk = max(int(n), 1) if isinstance(n, (int, np.integer)) else 1
+    return next(sample_stream(network, layout, decoding, n, generator=generator,
+                              config=replace(config, chunk_size=chunk), counts=counts))
 
 
-def _decode(model: HaloModel, first: int, parts: list, conditions: dict[str, Any] | None,
-            condition: str) -> PatientCorpus:
+def _decode(layout: ColumnLayout, decoding: Decoding, max_visits: int, first: int, parts: list,
+            conditions: dict[str, Any], condition: str) -> PatientCorpus:
     offsets = np.cumsum([0] + [len(p[0]) for p in parts])
     n_visits = np.concatenate([p[0] for p in parts])
     patient = np.concatenate([p[1] + off for p, off in zip(parts, offsets)])
     row = np.concatenate([p[2] for p in parts])
     column = np.concatenate([p[3] for p in parts])
-    stats = {"source": "halo", "first_patient": int(first), "conditions": dict(conditions or {}),
-             "condition": condition,
-             "records_filling_window": int((n_visits == model.config.max_visits).sum())}
-    return decode_records(model.layout, first_patient=first, n_visits=n_visits, patient=patient, row=row,
-                          column=column, codes=model.meta.codes, gap_days=model.gap_days,
-                          age_years=model.age_years, stats=stats)
+    stats = {"source": "halo", "first_patient": int(first), "conditions": conditions, "condition": condition,
+             "records_filling_window": int((n_visits == max_visits).sum())}
+    return decode_records(layout, first_patient=first, n_visits=n_visits, patient=patient, row=row, column=column,
+                          codes=decoding.codes, gap_days=decoding.gap_days, age_years=decoding.age_years,
+                          stats=stats)
