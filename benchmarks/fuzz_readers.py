@@ -426,8 +426,10 @@ def summarise(cases: list[Case]) -> None:
     print(f"exit-2 messages naming the file (or flag) {total['exit2_named']}/{total['exit2']}; "
           f"naming a column {total['column']}; naming a row {total['row']}")
     print(f"messages over 300 characters {total['over300']}")
-    print(f"peak memory {peak.result['maxrss_mb']:.0f} MB ({peak.kind}); 1 MB field: max "
-          f"{max(c.result['maxrss_mb'] for c in mb_cases):.0f} MB, slowest {max(c.result['seconds'] for c in mb_cases):.1f} s")
+    print(f"peak memory {peak.result['maxrss_mb']:.0f} MB ({peak.kind})")
+    if mb_cases:
+        print(f"1 MB field: peak memory {max(c.result['maxrss_mb'] for c in mb_cases):.0f} MB, "
+              f"slowest {max(c.result['seconds'] for c in mb_cases):.1f} s")
     print(f"slowest case {slowest.result['seconds']:.1f} s ({slowest.kind} {' '.join(slowest.argv[:2])})")
     print()
     print("| kind | cases | exit 0 | exit 2 | other | tracebacks | exit 2 naming file/flag |")
@@ -467,7 +469,8 @@ def main() -> None:
         start = time.perf_counter()
         with ThreadPoolExecutor(args.workers) as pool:
             list(pool.map(lambda ic: run_case(ic[1], ic[0], work, env, args.timeout), enumerate(cases)))
-        print(f"{len(cases)} cases in {time.perf_counter() - start:.0f} s with {args.workers} workers")
+        print(f"{len(cases)} cases in {time.perf_counter() - start:.0f} s with {args.workers} workers; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         summarise(cases)
 
 
