@@ -61,7 +61,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except EhrsynthError as exc:
-            click.echo(f"error: {exc}", err=True)
+            line = " ".join(f"error: {exc}".splitlines())
+            click.echo(line if len(line) <= 300 else line[:297] + "...", err=True)  # one short line, always
             ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
             raise

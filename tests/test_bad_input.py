@@ -377,6 +377,12 @@ def test_row_with_too_few_fields(tmp_path):
         read_long(path)
 
 
+def test_bom_and_crlf_read_like_the_plain_file(tmp_path):
+    plain = read_long(_write(tmp_path, "plain", GOOD))
+    windows = read_long(_write(tmp_path, "windows", b"\xef\xbb\xbf" + GOOD.replace(b"\n", b"\r\n")))
+    assert counts(windows) == counts(plain) == (2, 3, 3, 3)
+
+
 # ---- dates --------------------------------------------------------------------------------------------------------
 
 def test_day_first_and_month_name_dates_keep_their_times(tmp_path):

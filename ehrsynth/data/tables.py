@@ -125,19 +125,20 @@ def _check_row_widths(path: Path, header: list[str]) -> None:
 
     def on_invalid(row) -> str:
         bad.append((row.number, row.expected_columns, row.actual_columns))
-        return "error"
+        return "skip"  # recorded; the read runs to its end (an aborted Arrow read can abort the interpreter)
 
+    names = [f"c{i}" for i in range(len(header))]  # our own names: a BOM or odd header cannot miss the column
     try:
-        reader = pa_csv.open_csv(
-            pa.input_stream(str(path), compression="detect"),
-            # Latin-1 maps every byte to a character, so a stray non-UTF-8 byte cannot break the row counting
-            # (polars' read then reports it with its row); separators and quotes are ASCII either way.
-            read_options=pa_csv.ReadOptions(use_threads=False, block_size=1 << 24, encoding="latin-1"),
-            parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True),
-            convert_options=pa_csv.ConvertOptions(include_columns=[header[0]], column_types={header[0]: pa.string()}),
-        )
-        for _ in reader:
-            pass
+        with pa.input_stream(str(path), compression="detect") as stream:
+            pa_csv.read_csv(
+                stream,
+                # Latin-1 maps every byte to a character, so a stray non-UTF-8 byte cannot break the row
+                # counting (polars' read then reports it with its row); separators and quotes are ASCII anyway.
+                read_options=pa_csv.ReadOptions(use_threads=False, block_size=1 << 24, encoding="latin-1",
+                                                column_names=names, skip_rows=1),
+                parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid, newlines_in_values=True),
+                convert_options=pa_csv.ConvertOptions(include_columns=names[:1], column_types={names[0]: pa.string()}),
+            )
     except Exception as exc:  # noqa: BLE001
         if not bad:
             raise unreadable(path, exc) from None

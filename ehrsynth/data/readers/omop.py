@@ -80,8 +80,8 @@ def read_omop(
     frames = [_events(directory, name, offset) for offset, name in enumerate(t for t in OMOP_TABLES if t in tables)]
     events = pl.concat(frames, how="vertical")
     if events.height == 0:  # one empty table among several is fine (a writer emits all three)
-        names = ", ".join(OMOP_TABLES[t][0] for t in OMOP_TABLES if t in tables)
-        raise EmptyTableError(f"no event rows in {names}", file=directory)
+        paths = [find_table(directory, OMOP_TABLES[t][0]) for t in OMOP_TABLES if t in tables]
+        raise EmptyTableError("no event rows", file=paths[0] if len(paths) == 1 else directory)
     unmapped = int(events["code"].is_null().sum())
     events = events.filter(pl.col("code").is_not_null())
 
