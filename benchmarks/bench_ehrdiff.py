@@ -170,6 +170,46 @@ def bench_steps(train_steps: int = 4000, n_samples: int = 5000) -> dict:
     return out
 
 
+def demo_quality(model_options: dict, training_options: dict, *, seeds=(0, 1), sampling_steps: int = 32) -> dict:
+    """The ``ehrsynth demo --model ehrdiff`` path (bundled GiBleed, split seed 0, train part only) for each
+    training seed: train, generate as many patients as the train part, and score against the real train part
+    flattened to one visit per patient (as the demo's evaluation does) with the library's metrics."""
+    from ehrsynth.data.build import BuildOptions
+    from ehrsynth.data.readers.omop import read_omop
+    from ehrsynth.demo_data import demo_directory
+    from ehrsynth.evaluation.fidelity import detection_auroc, halo_fidelity, prevalence_fidelity
+    from ehrsynth.models.ehrdiff import EHRDiffSampling
+    from ehrsynth.models.io import load_model
+    from ehrsynth.pipeline import train_model
+
+    corpus = read_omop(demo_directory(), options=BuildOptions(seed=0))
+    real = corpus.part("train").flatten_visits()
+    runs = []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as run:
+            t = time.perf_counter()
+            result = train_model("ehrdiff", corpus, run, model_options=model_options,
+                                 training_options={**training_options, "seed": seed}, progress=False)
+            train_s = time.perf_counter() - t
+            model = load_model(run)
+        t = time.perf_counter()
+        synthetic = model.generate(real.n_patients, seed=seed, sampling=EHRDiffSampling(steps=sampling_steps))
+        sample_s = time.perf_counter() - t
+        prevalence = prevalence_fidelity(real, synthetic)
+        runs.append({
+            "seed": seed, "steps": result.steps, "train_s": round(train_s, 1), "sample_s": round(sample_s, 2),
+            "nzc": prevalence.nzc_synthetic, "nzc_real": prevalence.nzc_real,
+            "prevalence_r": round(prevalence.pearson, 4),
+            "prevalence_r2": round(halo_fidelity(real, synthetic).record_code_r2, 4),
+            "codes_per_patient": round(synthetic.n_codes / synthetic.n_patients, 2),
+            "detection_auroc": round(detection_auroc(real, synthetic, seed=seed).auroc, 4)})
+    summary = {"real_codes_per_patient": round(real.n_codes / real.n_patients, 2)}
+    for key in ("nzc", "prevalence_r", "prevalence_r2", "detection_auroc", "codes_per_patient", "train_s"):
+        values = np.array([r[key] for r in runs], dtype=float)
+        summary[key] = {"mean": round(float(values.mean()), 4), "min": float(values.min()), "max": float(values.max())}
+    return {"model": model_options, "training": training_options, "summary": summary, "runs": runs}
+
+
 MEMORY_CHILD = """
 import json, resource, sys, time
 import torch

@@ -88,7 +88,7 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     try:
         header = json.loads((directory / CONFIG).read_text())
         cls = model_class(header["family"])
-        config = config_from_dict(cls.config_class, header["config"])
+        config = cls.config_from_saved(header["config"])
         model = cls(config, CorpusMeta.from_dict(header["meta"]))
         model.load_state_dict(load_file(str(directory / WEIGHTS)))
     except (json.JSONDecodeError, KeyError, RuntimeError) as exc:

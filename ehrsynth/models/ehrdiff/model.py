@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from ehrsynth.data.view import CorpusView
 from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
-from ehrsynth.models.ehrdiff.network import EDMLoss, EDMPrecond, MLPDenoiser
+from ehrsynth.models.ehrdiff.network import DENOISERS, EDMLoss, EDMPrecond, MLPDenoiser, residual_widths
 from ehrsynth.models.ehrdiff.sampling import (
     EHRDiffSampling,
     binarize,
@@ -54,8 +54,11 @@ class EHRDiffConfig:
     """EHRDiff's architecture and diffusion settings (training settings are the shared TrainConfig).
 
     Attributes:
-        hidden_dims: hidden widths of the MLP; the paper's MIMIC network is D -> 1024 -> 384 -> 384 -> 384 ->
-            1024 -> D.
+        denoiser: the raw network: ``"resnet"`` (default), residual blocks with LayerNorm and FiLM time
+            modulation (:class:`~ehrsynth.models.ehrdiff.network.ResidualDenoiser`), or ``"mlp"``, the paper's MLP
+            without residuals or normalisation. Models saved before this option load as ``"mlp"``.
+        hidden_dims: hidden widths; the paper's MIMIC MLP is D -> 1024 -> 384 -> 384 -> 384 -> 1024 -> D. For
+            ``"resnet"`` the first (and last) width is the residual stream's and each middle one a block's.
         time_dim: width of the time (and label) embedding injected in every block (384 in the paper).
         fourier_dim: width of the sinusoidal features of c_noise (even). The reference used the vocabulary size.
         sigma_data: data standard deviation for preconditioning; None estimates it from the training data as
@@ -67,6 +70,7 @@ class EHRDiffConfig:
             unconditional model) and, independently, each single condition (for partial conditions).
     """
 
+    denoiser: Literal["resnet", "mlp"] = "resnet"
     hidden_dims: tuple[int, ...] = (1024, 384, 384, 384, 1024)
     time_dim: int = 384
     fourier_dim: int = 256
@@ -81,6 +85,13 @@ class EHRDiffConfig:
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
         if not self.hidden_dims or any(not isinstance(w, int) or w < 1 for w in self.hidden_dims):
             raise ConfigError(f"hidden_dims must be one or more positive integers, got {self.hidden_dims!r}")
+        if self.denoiser not in DENOISERS:
+            raise ConfigError(f"denoiser must be one of {sorted(DENOISERS)!r}, got {self.denoiser!r}")
+        if self.denoiser == "resnet":
+            try:
+                residual_widths(self.hidden_dims)
+            except ValueError as exc:
+                raise ConfigError(f"hidden_dims: {exc}") from None
         if self.time_dim < 1:
             raise ConfigError(f"time_dim must be >= 1, got {self.time_dim!r}")
         if self.fourier_dim < 2 or self.fourier_dim % 2:
@@ -104,7 +115,7 @@ class _Chunk(NamedTuple):
 
 
 class EHRDiffModel(GenerativeModel):
-    """EHRDiff: the preconditioned denoiser ``self.denoiser`` (EDM) around an :class:`MLPDenoiser`.
+    """EHRDiff: the preconditioned denoiser ``self.denoiser`` (EDM) around a raw network (``config.denoiser``).
 
     Example:
         >>> model = EHRDiffModel.from_corpus(train_corpus, EHRDiffConfig())          # doctest: +SKIP
@@ -124,7 +135,7 @@ class EHRDiffModel(GenerativeModel):
         self.n_codes = len(meta.codes)
         self.static_columns = static_column_names(meta.label_names) if config.model_statics else ()
         self.attributes = (*meta.label_names, "sex") if config.conditional else ()
-        net = MLPDenoiser(self.n_codes + len(self.static_columns), config.hidden_dims, time_dim=config.time_dim,
+        net = DENOISERS[config.denoiser](self.n_codes + len(self.static_columns), config.hidden_dims, time_dim=config.time_dim,
                           fourier_dim=config.fourier_dim, n_attributes=len(self.attributes))
         self.denoiser = EDMPrecond(net, float(sigma_data))
         self.loss = EDMLoss(float(sigma_data), p_mean=config.p_mean, p_std=config.p_std)
@@ -139,6 +150,11 @@ class EHRDiffModel(GenerativeModel):
         return self.n_codes + len(self.static_columns)
 
     # ---- building and training -----------------------------------------------------------------------------
+    @classmethod
+    def config_from_saved(cls, data: dict[str, Any]) -> EHRDiffConfig:
+        """A saved config; one written before ``denoiser`` existed is the paper's MLP."""
+        return super().config_from_saved({"denoiser": "mlp", **data})
+
     @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: EHRDiffConfig | None = None) -> EHRDiffModel:
         """An untrained model for ``corpus``; ``sigma_data`` (if not set) is estimated from its train split (or
