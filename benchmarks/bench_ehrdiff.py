@@ -175,7 +175,8 @@ def bench_steps(train_steps: int = 4000, n_samples: int = 5000) -> dict:
     return out
 
 
-def demo_quality(model_options: dict, training_options: dict, *, seeds=(0, 1), sampling_steps: int = 32) -> dict:
+def demo_quality(model_options: dict, training_options: dict, *, seeds=(0, 1), sampling_steps: int = 32,
+                 save_to: Path | None = None) -> dict:
     """The ``ehrsynth demo --model ehrdiff`` path (bundled GiBleed, split seed 0, train part only) for each
     training seed: train, generate as many patients as the train part, and score against the real train part
     flattened to one visit per patient (as the demo's evaluation does) with the library's metrics."""
@@ -184,7 +185,7 @@ def demo_quality(model_options: dict, training_options: dict, *, seeds=(0, 1), s
     from ehrsynth.demo_data import demo_directory
     from ehrsynth.evaluation.fidelity import detection_auroc, halo_fidelity, prevalence_fidelity
     from ehrsynth.models.ehrdiff import EHRDiffSampling
-    from ehrsynth.models.io import load_model
+    from ehrsynth.models.io import load_model, save_model
     from ehrsynth.pipeline import train_model
 
     corpus = read_omop(demo_directory(), options=BuildOptions(seed=0))
@@ -197,6 +198,8 @@ def demo_quality(model_options: dict, training_options: dict, *, seeds=(0, 1), s
                                  training_options={**training_options, "seed": seed}, progress=False)
             train_s = time.perf_counter() - t
             model = load_model(run)
+        if save_to is not None:
+            save_model(model, Path(save_to) / f"seed{seed}")
         t = time.perf_counter()
         synthetic = model.generate(real.n_patients, seed=seed, sampling=EHRDiffSampling(steps=sampling_steps))
         sample_s = time.perf_counter() - t

@@ -68,6 +68,9 @@ class EHRDiffConfig:
         conditional: learn label/sex embeddings for classifier-free guided conditional generation.
         label_dropout: in conditional training, the probability of dropping all conditions of a patient (the
             unconditional model) and, independently, each single condition (for partial conditions).
+        column_weight_power: weight each column's loss by (mean variance / its variance)^power (see
+            :func:`column_weights`); 0 is the paper's uniform loss. Needs the column means of the training data
+            (``meta.extra["column_means"]``, kept by :meth:`EHRDiffModel.from_corpus`).
     """
 
     denoiser: Literal["resnet", "mlp"] = "resnet"
@@ -80,6 +83,7 @@ class EHRDiffConfig:
     model_statics: bool = False
     conditional: bool = False
     label_dropout: float = 0.1
+    column_weight_power: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
@@ -100,6 +104,8 @@ class EHRDiffConfig:
             raise ConfigError(f"sigma_data must be > 0 (or None to estimate it), got {self.sigma_data!r}")
         if not self.p_std > 0:
             raise ConfigError(f"p_std must be > 0, got {self.p_std!r}")
+        if not 0 <= self.column_weight_power <= 2:
+            raise ConfigError(f"column_weight_power must be in [0, 2], got {self.column_weight_power!r}")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
 
@@ -139,6 +145,15 @@ class EHRDiffModel(GenerativeModel):
                           fourier_dim=config.fourier_dim, n_attributes=len(self.attributes))
         self.denoiser = EDMPrecond(net, float(sigma_data))
         self.loss = EDMLoss(float(sigma_data), p_mean=config.p_mean, p_std=config.p_std)
+        weights = None
+        if config.column_weight_power:
+            means = meta.extra.get("column_means")
+            if means is None or len(means) != self.dim:
+                raise ConfigError("column_weight_power needs the training column means: build the model with "
+                                  "EHRDiffModel.from_corpus(corpus, config)")
+            weights = torch.tensor(column_weights(np.asarray(means, dtype=np.float64), config.column_weight_power),
+                                   dtype=torch.float32)  # (D,)
+        self.register_buffer("column_weight", weights, persistent=False)
 
     @property
     def sigma_data(self) -> float:
@@ -153,7 +168,7 @@ class EHRDiffModel(GenerativeModel):
     @classmethod
     def config_from_saved(cls, data: dict[str, Any]) -> EHRDiffConfig:
         """A saved config; one written before ``denoiser`` existed is the paper's MLP."""
-        return super().config_from_saved({"denoiser": "mlp", **data})
+        return super().config_from_saved({"denoiser": "mlp", "column_weight_power": 0.0, **data})
 
     @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: EHRDiffConfig | None = None) -> EHRDiffModel:
@@ -166,7 +181,8 @@ class EHRDiffModel(GenerativeModel):
         config = config or EHRDiffConfig()
         if not isinstance(config, EHRDiffConfig):
             raise ConfigError(f"config must be an EHRDiffConfig, got {type(config).__name__}")
-        density = data_density(corpus, model_statics=config.model_statics)
+        means = column_means(corpus, model_statics=config.model_statics)
+        density = float(means.mean())
         if config.sigma_data is None:
             if not 0 < density < 1:
                 raise ConfigError(f"cannot estimate sigma_data: the training data density is {density!r}; "
@@ -174,7 +190,8 @@ class EHRDiffModel(GenerativeModel):
             sigma_data, source = float(np.sqrt(density * (1 - density))), "estimated: sqrt(p(1-p)), p = density"
         else:
             sigma_data, source = float(config.sigma_data), "config"
-        meta = CorpusMeta.from_corpus(corpus, sigma_data=sigma_data, data_density=density, sigma_data_source=source)
+        meta = CorpusMeta.from_corpus(corpus, sigma_data=sigma_data, data_density=density, sigma_data_source=source,
+                                      column_means=[round(float(m), 6) for m in means])
         return cls(config, meta)
 
     @classmethod
@@ -221,7 +238,8 @@ class EHRDiffModel(GenerativeModel):
         label = batch.get("label") if self.attributes else None
         if label is not None and self.training and self.config.label_dropout > 0:
             label = self._drop_labels(label)
-        return self.loss(self.denoiser, batch["x"], label).mean()
+        loss = self.loss(self.denoiser, batch["x"], label)  # (B, D)
+        return (loss if self.column_weight is None else loss * self.column_weight).mean()
 
     def _drop_labels(self, label: torch.Tensor) -> torch.Tensor:
         p = self.config.label_dropout
@@ -415,6 +433,12 @@ def data_density(corpus: PatientCorpus | CorpusView, *, model_statics: bool = Fa
     """Mean of all entries of the multi-hot training matrix (codes, plus label and sex columns when modelled),
     over the train split (all patients if the corpus has none marked train; a view's own patients), without
     building it whole. ``sigma_data = sqrt(p (1 - p))`` is the standard deviation of those 0/1 entries."""
+    return float(column_means(corpus, model_statics=model_statics, chunk=chunk).mean())
+
+
+def column_means(corpus: PatientCorpus | CorpusView, *, model_statics: bool = False, chunk: int = 4096) -> np.ndarray:
+    """Per-column mean of the multi-hot training matrix (code prevalences, then label and sex=F, sex=M shares
+    when modelled) over the patients :func:`data_density` uses; (D,) float64."""
     if isinstance(corpus, CorpusView):
         corpus, patients = corpus.corpus, corpus.patients
     else:
@@ -423,13 +447,22 @@ def data_density(corpus: PatientCorpus | CorpusView, *, model_statics: bool = Fa
             patients = np.arange(corpus.n_patients)
     if len(patients) == 0:
         raise ConfigError("cannot estimate sigma_data from an empty corpus")
-    ones = sum(float(corpus.patient_multi_hot(patients[i:i + chunk], dtype=np.uint8).sum(dtype=np.int64))
+    ones = sum(corpus.patient_multi_hot(patients[i:i + chunk], dtype=np.uint8).sum(0, dtype=np.int64)
                for i in range(0, len(patients), chunk))
-    width = corpus.vocab_size
     if model_statics:
-        ones += float(np.asarray(corpus.labels)[patients].sum()) + float((np.asarray(corpus.sex)[patients] >= 0).sum())
-        width += len(corpus.label_names) + 2
-    return ones / (len(patients) * width)
+        sex = np.asarray(corpus.sex)[patients]
+        ones = np.concatenate([ones, np.asarray(corpus.labels)[patients].sum(0, dtype=np.int64),
+                               [(sex == 0).sum(), (sex == 1).sum()]])
+    return np.asarray(ones, dtype=np.float64) / len(patients)
+
+
+def column_weights(means: np.ndarray, power: float) -> np.ndarray:
+    """Loss weight per column, ``(mean v / v_c)^power`` with v_c = p_c (1 - p_c) the column's variance (floored
+    at 1e-4), normalised to mean 1: power 0 is the paper's uniform loss; power > 0 raises rare codes, whose
+    squared error is otherwise too small to shape the network (they then round to 0 in every sample)."""
+    variance = np.maximum(means * (1 - means), 1e-4)
+    weights = (variance.mean() / variance) ** power
+    return weights / weights.mean()
 
 
 def _parse_condition(key: str, value: Any) -> int:
