@@ -193,14 +193,14 @@ def test_paper_network_has_the_papers_size():
     # D -> 1024 -> 384 -> 384 -> 384 -> 1024 -> D with time injected in every block; the reference embedded
     # time with a D-wide sinusoid, which gives the paper's ~7.5M parameters at D = 1,782
     meta = CorpusMeta(codes=tuple(f"X/{i}" for i in range(1782)), extra={"sigma_data": 0.14})
-    paper = EHRDiffModel(EHRDiffConfig(denoiser="mlp", fourier_dim=1782), meta)
+    paper = EHRDiffModel(EHRDiffConfig(denoiser="mlp", fourier_dim=1782, column_weight_power=0.0), meta)
     assert count_parameters(paper) == pytest.approx(7.5e6, rel=0.01)
 
 
 def test_residual_network_layout_and_zero_start():
     net = ResidualDenoiser(80, (64, 16, 24, 64), time_dim=16, fourier_dim=8)
     assert [(m.in_features, m.out_features) for m in net.up] == [(64, 16), (64, 24)]  # one block per middle width
-    assert [m.out_features for m in net.time_proj] == [32, 48]  # a (scale, shift) pair per block
+    assert [m.out_features for m in net.time_proj] == [64, 32, 48]  # the stream's, then (scale, shift) per block
     x, c_noise = torch.randn(5, 80), torch.randn(5)
     assert torch.equal(net(x, c_noise), torch.zeros(5, 80))  # F starts at 0: D(x) = c_skip x
     assert [m.in_features for m in ResidualDenoiser(3, (8,), time_dim=4, fourier_dim=2).up] == [8]
@@ -349,20 +349,43 @@ def test_save_load_round_trip_gives_identical_output(tiny_model, tmp_path):
             tiny_model.generate(25, seed=3, conditions=conditions, sampling=FAST))
 
 
+def test_column_weights_raise_rare_columns(mimic3_corpus):
+    from ehrsynth.models.ehrdiff.model import column_means, column_weights
+
+    means = np.array([0.5, 0.1, 0.01, 0.0])
+    variance = np.array([0.25, 0.09, 0.0099, 1e-4])  # p (1 - p), floored at 1e-4
+    for power in (0.5, 1.0):
+        expected = (variance.mean() / variance) ** power
+        np.testing.assert_allclose(column_weights(means, power), expected / expected.mean())
+    np.testing.assert_allclose(column_weights(means, 0.0), np.ones(4))
+    model = EHRDiffModel.from_corpus(mimic3_corpus, TINY)
+    train = mimic3_corpus.patient_multi_hot(np.flatnonzero(mimic3_corpus.split == 0))
+    np.testing.assert_allclose(model.meta.extra["column_means"], train.mean(0), atol=1e-6)
+    np.testing.assert_allclose(model.column_weight.numpy(), column_weights(train.mean(0), 0.5), rtol=1e-4)
+    assert column_means(mimic3_corpus, model_statics=True).shape == (mimic3_corpus.vocab_size + 3,)
+    with pytest.raises(ConfigError, match="column_weight_power needs the training column means"):
+        EHRDiffModel(TINY, CorpusMeta(codes=("X/1",), extra={"sigma_data": 0.1}))
+    with pytest.raises(ConfigError, match="column_weight_power must be in"):
+        EHRDiffConfig(column_weight_power=-1)
+
+
 def test_model_saved_before_the_denoiser_option_loads_as_the_mlp(mimic3_corpus, tmp_path):
     import json
 
     torch.manual_seed(0)
     mlp = EHRDiffModel.from_corpus(mimic3_corpus, EHRDiffConfig(denoiser="mlp", hidden_dims=(32, 16), time_dim=16,
-                                                                fourier_dim=8))
+                                                                fourier_dim=8, column_weight_power=0.0))
     save_model(mlp, tmp_path / "old")
     header = json.loads((tmp_path / "old" / "model.json").read_text())
-    del header["config"]["denoiser"]  # what a model saved before the option looks like
+    del header["config"]["denoiser"]  # what a model saved before the options looks like
+    del header["config"]["column_weight_power"]
     (tmp_path / "old" / "model.json").write_text(json.dumps(header))
     loaded = load_model(tmp_path / "old")
     assert loaded.config.denoiser == "mlp" and isinstance(loaded.denoiser.net, MLPDenoiser)
+    assert loaded.config.column_weight_power == 0.0
     assert loaded.generate(20, seed=2, sampling=FAST).equals(mlp.generate(20, seed=2, sampling=FAST))
-    assert EHRDiffConfig().denoiser == "resnet"  # while a new config gets the residual network
+    assert EHRDiffConfig().denoiser == "resnet"  # while a new config gets the residual network, weighted loss
+    assert EHRDiffConfig().column_weight_power == 0.5
 
 
 def test_default_train_config_is_the_papers():

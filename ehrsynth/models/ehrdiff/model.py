@@ -69,7 +69,8 @@ class EHRDiffConfig:
         label_dropout: in conditional training, the probability of dropping all conditions of a patient (the
             unconditional model) and, independently, each single condition (for partial conditions).
         column_weight_power: weight each column's loss by (mean variance / its variance)^power (see
-            :func:`column_weights`); 0 is the paper's uniform loss. Needs the column means of the training data
+            :func:`column_weights`); 0 is the paper's uniform loss. 0.5 (the default) brings back codes rarer
+            than 1% on GiBleed (benchmarks/bench_ehrdiff.py, section compare). Needs the column means of the training data
             (``meta.extra["column_means"]``, kept by :meth:`EHRDiffModel.from_corpus`).
     """
 
@@ -83,7 +84,7 @@ class EHRDiffConfig:
     model_statics: bool = False
     conditional: bool = False
     label_dropout: float = 0.1
-    column_weight_power: float = 0.0
+    column_weight_power: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))

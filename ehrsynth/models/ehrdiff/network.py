@@ -163,9 +163,10 @@ class ResidualDenoiser(ConditionEmbedding):
     """A raw network F beyond the paper: a pre-norm residual MLP whose blocks are modulated by the (time +
     label) embedding (FiLM, Perez et al. 2018, as the adaptive norms of DiT/EDM2):
 
-        h = W_in x;   per block k:  u = W1_k LN(h) (1 + s_k) + t_k,  h = h + W2_k SiLU(u);   F = W_out SiLU(LN(h))
+        h = W_in x + Proj_0(emb);   per block k:  u = W1_k LN(h) (1 + s_k) + t_k,  h = h + W2_k SiLU(u);
+        F = W_out SiLU(LN(h))
 
-    with (s_k, t_k) = Proj_k(emb). The residual path and the norms let F make each code a sharp 0/1 decision at
+    with (s_k, t_k) = Proj_k(emb): the embedding enters the stream once, additively, and modulates every block. The residual path and the norms let F make each code a sharp 0/1 decision at
     small sigma, which the paper's MLP cannot (rare codes then round to 0). W2_k and W_out start at zero, so an
     untrained F is 0 and every block starts as the identity.
 
@@ -192,6 +193,7 @@ class ResidualDenoiser(ConditionEmbedding):
         self.norms = nn.ModuleList(nn.LayerNorm(trunk) for _ in inner)
         self.up = nn.ModuleList(nn.Linear(trunk, w) for w in inner)
         self.down = nn.ModuleList(nn.Linear(w, trunk) for w in inner)
+        self.time_proj.append(nn.Linear(time_dim, trunk))  # added to the stream
         self.time_proj.extend(nn.Linear(time_dim, 2 * w) for w in inner)  # (scale, shift) per block
         self.out_norm = nn.LayerNorm(trunk)
         self.output = nn.Linear(trunk, dim)
@@ -201,8 +203,9 @@ class ResidualDenoiser(ConditionEmbedding):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         """(B, dim) input, (B,) c_noise, optional (B, A) labels -> (B, dim)."""
-        h = self.input(x)  # (B, trunk)
-        for norm, up, down, film in zip(self.norms, self.up, self.down, self.projections(c_noise, label)):
+        stream, *films = self.projections(c_noise, label)  # (B or 1, trunk), then (B or 1, 2 inner) per block
+        h = torch.addmm(self.input.bias + stream, x, self.input.weight.t())  # (B, trunk)
+        for norm, up, down, film in zip(self.norms, self.up, self.down, films):
             scale, shift = film.chunk(2, dim=1)  # each (B or 1, inner)
             u = torch.addcmul(shift, up(norm(h)), 1 + scale)  # (B, inner)
             h = h + down(F.silu(u))
