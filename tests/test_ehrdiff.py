@@ -350,7 +350,8 @@ def test_save_load_round_trip_gives_identical_output(tiny_model, tmp_path):
 
 
 def test_column_weights_raise_rare_columns(mimic3_corpus):
-    from ehrsynth.models.ehrdiff.model import column_means, column_weights
+    from ehrsynth.models.ehrdiff.model import column_means
+    from ehrsynth.models.ehrdiff.network import column_weights
 
     means = np.array([0.5, 0.1, 0.01, 0.0])
     variance = np.array([0.25, 0.09, 0.0099, 1e-4])  # p (1 - p), floored at 1e-4

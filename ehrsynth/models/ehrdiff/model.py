@@ -14,10 +14,12 @@ What differs from the reference code, and why:
 * Generation runs in bounded-memory chunks, and patient i depends only on (seed, i), never on the chunk size.
 * The warm-up of the learning rate is a fraction of the run (see :meth:`EHRDiffModel.default_train_config`).
 
-A limitation kept from the paper: the MLP cannot make each of hundreds of coordinates a sharp 0/1 decision, so
-the continuous samples of a code are spread around its prevalence rather than piled at 0 and 1 (on GiBleed about
-20% of values end between 0.2 and 0.8, whatever the number of steps). Rounding then gets the prevalences right
-(r = 0.994) but loses codes rarer than about 1% (NZC 77 of 80).
+* The default raw network is not the paper's MLP (``denoiser="mlp"`` keeps it) but residual blocks with
+  LayerNorm and FiLM time modulation, trained with a loss weighted per code by its variance
+  (``column_weight_power``). The paper's MLP cannot make each coordinate a sharp 0/1 decision: the continuous
+  samples of a code spread around its prevalence (on GiBleed about 20% of values end between 0.2 and 0.8), and
+  rounding loses codes rarer than about 1% (NZC 75-77 of 80). The uniform loss also gives a code of prevalence
+  p a squared error of order p, too small to shape the network for the rare ones.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ehrsynth.data.view import CorpusView
 from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
-from ehrsynth.models.ehrdiff.network import DENOISERS, EDMLoss, EDMPrecond, MLPDenoiser, residual_widths
+from ehrsynth.models.ehrdiff.network import DENOISERS, EDMLoss, EDMPrecond, MLPDenoiser, column_weights, residual_widths
 from ehrsynth.models.ehrdiff.sampling import (
     EHRDiffSampling,
     binarize,
@@ -69,9 +71,10 @@ class EHRDiffConfig:
         label_dropout: in conditional training, the probability of dropping all conditions of a patient (the
             unconditional model) and, independently, each single condition (for partial conditions).
         column_weight_power: weight each column's loss by (mean variance / its variance)^power (see
-            :func:`column_weights`); 0 is the paper's uniform loss. 0.5 (the default) brings back codes rarer
-            than 1% on GiBleed (benchmarks/bench_ehrdiff.py, section compare). Needs the column means of the training data
-            (``meta.extra["column_means"]``, kept by :meth:`EHRDiffModel.from_corpus`).
+            :func:`~ehrsynth.models.ehrdiff.network.column_weights`); 0 is the paper's uniform loss. 0.5 (the
+            default) brings back codes rarer than 1% on GiBleed (benchmarks/bench_ehrdiff.py, section compare).
+            Needs the training column means (``meta.extra["column_means"]``, kept by
+            :meth:`EHRDiffModel.from_corpus`).
     """
 
     denoiser: Literal["resnet", "mlp"] = "resnet"
@@ -142,8 +145,9 @@ class EHRDiffModel(GenerativeModel):
         self.n_codes = len(meta.codes)
         self.static_columns = static_column_names(meta.label_names) if config.model_statics else ()
         self.attributes = (*meta.label_names, "sex") if config.conditional else ()
-        net = DENOISERS[config.denoiser](self.n_codes + len(self.static_columns), config.hidden_dims, time_dim=config.time_dim,
-                          fourier_dim=config.fourier_dim, n_attributes=len(self.attributes))
+        net = DENOISERS[config.denoiser](self.n_codes + len(self.static_columns), config.hidden_dims,
+                                         time_dim=config.time_dim, fourier_dim=config.fourier_dim,
+                                         n_attributes=len(self.attributes))
         self.denoiser = EDMPrecond(net, float(sigma_data))
         self.loss = EDMLoss(float(sigma_data), p_mean=config.p_mean, p_std=config.p_std)
         weights = None
@@ -455,15 +459,6 @@ def column_means(corpus: PatientCorpus | CorpusView, *, model_statics: bool = Fa
         ones = np.concatenate([ones, np.asarray(corpus.labels)[patients].sum(0, dtype=np.int64),
                                [(sex == 0).sum(), (sex == 1).sum()]])
     return np.asarray(ones, dtype=np.float64) / len(patients)
-
-
-def column_weights(means: np.ndarray, power: float) -> np.ndarray:
-    """Loss weight per column, ``(mean v / v_c)^power`` with v_c = p_c (1 - p_c) the column's variance (floored
-    at 1e-4), normalised to mean 1: power 0 is the paper's uniform loss; power > 0 raises rare codes, whose
-    squared error is otherwise too small to shape the network (they then round to 0 in every sample)."""
-    variance = np.maximum(means * (1 - means), 1e-4)
-    weights = (variance.mean() / variance) ** power
-    return weights / weights.mean()
 
 
 def _parse_condition(key: str, value: Any) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,8 +167,9 @@ class ResidualDenoiser(ConditionEmbedding):
         h = W_in x + Proj_0(emb);   per block k:  u = W1_k LN(h) (1 + s_k) + t_k,  h = h + W2_k SiLU(u);
         F = W_out SiLU(LN(h))
 
-    with (s_k, t_k) = Proj_k(emb): the embedding enters the stream once, additively, and modulates every block. The residual path and the norms let F make each code a sharp 0/1 decision at
-    small sigma, which the paper's MLP cannot (rare codes then round to 0). W2_k and W_out start at zero, so an
+    with (s_k, t_k) = Proj_k(emb): the embedding enters the stream once, additively, and modulates every block.
+    The residual path and the norms let F make each code a sharper 0/1 decision at small sigma than the paper's
+    MLP (whose rare codes round to 0). W2_k and W_out start at zero, so an
     untrained F is 0 and every block starts as the identity.
 
     Args:
@@ -284,11 +286,21 @@ class EDMLoss:
         return weight * (denoised - x) ** 2  # (B, D)
 
 
+def column_weights(means: np.ndarray, power: float) -> np.ndarray:
+    """Loss weight per column, ``(mean v / v_c)^power`` with v_c = p_c (1 - p_c) the column's variance (floored
+    at 1e-4), normalised to mean 1: power 0 is the paper's uniform loss; power > 0 raises rare codes, whose
+    squared error is otherwise too small to shape the network (they then round to 0 in every sample)."""
+    variance = np.maximum(means * (1 - means), 1e-4)
+    weights = (variance.mean() / variance) ** power
+    return weights / weights.mean()
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 __all__ = [
-    "DENOISERS", "ConditionEmbedding", "EDMLoss", "EDMPrecond", "MLPDenoiser", "ResidualDenoiser", "residual_widths", "SinusoidalEmbedding", "count_parameters", "edm_coefficients",
-    "edm_loss_weight",
+    "DENOISERS", "ConditionEmbedding", "EDMLoss", "EDMPrecond", "MLPDenoiser", "ResidualDenoiser",
+    "SinusoidalEmbedding", "column_weights", "count_parameters", "edm_coefficients", "edm_loss_weight",
+    "residual_widths",
 ]
