@@ -5,8 +5,9 @@ and the paper's MLP against the default residual denoiser.
 
 * speed: the default network (or ``bench_speed("mlp")``, the paper's) at the paper's widths (1,782 codes ->
   1024 -> 384 -> 384 -> 384 -> 1024 -> 1,782) on random multi-hot data of MIMIC-like density (about 15 codes
-  per patient, Zipf-like code frequencies, fixed seed): training steps/s through the shared loop at batch 1,024, and samples/s for 4,096 patients with 32 Heun steps (63
-  evaluations). The reference code measured 0.32 s per step and 37 s (110 patients/s) on this CPU type.
+  per patient, Zipf-like code frequencies, fixed seed): training steps/s through the shared loop at batch
+  1,024, and samples/s for 4,096 patients with 32 Heun steps (63 evaluations). The reference code measured
+  0.32 s per step and 37 s (110 patients/s) on this CPU type.
 * steps: the paper's MLP trained on the OMOP GiBleed conditions (train split; batch 256, 4,000 steps), then
   prevalence Pearson r (against train and against the held-out test split), NZC, codes per patient and CMD for
   8, 16, 32 and 64 sampling steps, with the reference's rounding and with Bernoulli binarisation, on the same
