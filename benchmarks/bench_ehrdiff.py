@@ -1,12 +1,14 @@
-"""EHRDiff benchmark: speed at the paper's MIMIC shape, fidelity against sampling steps, memory of 1M patients.
+"""EHRDiff benchmark: speed at the paper's MIMIC shape, fidelity against sampling steps, memory of 1M patients,
+and the paper's MLP against the default residual denoiser.
 
-    python benchmarks/bench_ehrdiff.py [--section speed|steps|memory|all] [--threads N] [--out results.json]
+    python benchmarks/bench_ehrdiff.py [--section speed|steps|memory|compare|all] [--threads N] [--out results.json]
 
-* speed: the paper's network (1,782 codes -> 1024 -> 384 -> 384 -> 384 -> 1024 -> 1,782) on random multi-hot
-  data of MIMIC-like density (about 15 codes per patient, Zipf-like code frequencies, fixed seed): training
-  steps/s through the shared loop at batch 1,024, and samples/s for 4,096 patients with 32 Heun steps (63
-  evaluations). The reference code measured 0.32 s per step and 37 s (110 patients/s) on this CPU type.
-* steps: the paper's widths trained on the OMOP GiBleed conditions (train split; batch 256, 4,000 steps), then
+* speed: the default network (or ``bench_speed("mlp")``, the paper's) at the paper's widths (1,782 codes ->
+  1024 -> 384 -> 384 -> 384 -> 1024 -> 1,782) on random multi-hot data of MIMIC-like density (about 15 codes
+  per patient, Zipf-like code frequencies, fixed seed): training steps/s through the shared loop at batch
+  1,024, and samples/s for 4,096 patients with 32 Heun steps (63 evaluations). The reference code measured
+  0.32 s per step and 37 s (110 patients/s) on this CPU type.
+* steps: the paper's MLP trained on the OMOP GiBleed conditions (train split; batch 256, 4,000 steps), then
   prevalence Pearson r (against train and against the held-out test split), NZC, codes per patient and CMD for
   8, 16, 32 and 64 sampling steps, with the reference's rounding and with Bernoulli binarisation, on the same
   continuous samples; also the share of continuous values left between 0.2 and 0.8.
@@ -15,6 +17,10 @@
   reasonable on 2 cores this uses a small network (64, 64), lightly trained on the random MIMIC-shape data so
   the output has realistic sparsity, and 8 sampling steps (4 are too few: the output is then dense); memory
   depends on neither, only on the chunk size, the vocabulary and the number of generated codes.
+* compare: the ``ehrsynth demo --model ehrdiff`` path (bundled GiBleed) with the paper's MLP and with the
+  default residual network, 2 training seeds each: NZC against the real train part's, prevalence Pearson r and
+  R^2 (per-record code R^2), detection AUROC, codes per patient, training time; then the speed section for both
+  networks in the same run, and the ratios.
 
 CMD here is the mean absolute difference between the real and synthetic code-code Pearson correlation matrices
 over all code pairs (a constant column has correlation 0 with everything).
@@ -72,15 +78,15 @@ def matmul_gflops() -> float:
     return 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
 
 
-def bench_speed() -> dict:
+def bench_speed(denoiser: str = "resnet") -> dict:
     from ehrsynth.models.ehrdiff import EHRDiffConfig, EHRDiffModel, EHRDiffSampling
     from ehrsynth.models.ehrdiff.network import count_parameters
     from ehrsynth.training.loop import TrainConfig, train
 
     corpus = random_mimic_corpus(8192)
     torch.manual_seed(0)
-    model = EHRDiffModel.from_corpus(corpus, EHRDiffConfig())
-    out = {"threads": torch.get_num_threads(), "matmul_gflops": round(matmul_gflops(), 1),
+    model = EHRDiffModel.from_corpus(corpus, EHRDiffConfig(denoiser=denoiser))
+    out = {"denoiser": denoiser, "threads": torch.get_num_threads(), "matmul_gflops": round(matmul_gflops(), 1),
            "parameters": count_parameters(model), "sigma_data": round(model.sigma_data, 4),
            "codes_per_patient": round(corpus.n_codes / corpus.n_patients, 2)}
 
@@ -130,7 +136,7 @@ def bench_steps(train_steps: int = 4000, n_samples: int = 5000) -> dict:
     real = train_part.patient_multi_hot(np.arange(train_part.n_patients))
     test = test_part.patient_multi_hot(np.arange(test_part.n_patients))
     torch.manual_seed(0)
-    model = EHRDiffModel.from_corpus(train_part, EHRDiffConfig())
+    model = EHRDiffModel.from_corpus(train_part, EHRDiffConfig(denoiser="mlp", column_weight_power=0.0))
     config = TrainConfig(optimizer="adamw", lr=1e-3, batch_size=256, max_steps=train_steps, max_epochs=100_000,
                          lr_schedule="cosine", warmup_fraction=0.05, ema_decay=0.999, eval_every=500,
                          checkpoint_every=100_000, log_every=500, device="cpu")
@@ -170,6 +176,98 @@ def bench_steps(train_steps: int = 4000, n_samples: int = 5000) -> dict:
     return out
 
 
+def demo_quality(model_options: dict, training_options: dict, *, seeds=(0, 1), sampling_steps: int = 32,
+                 save_to: Path | None = None) -> dict:
+    """The ``ehrsynth demo --model ehrdiff`` path (bundled GiBleed, split seed 0, train part only) for each
+    training seed: train, generate as many patients as the train part, and score against the real train part
+    flattened to one visit per patient (as the demo's evaluation does) with the library's metrics."""
+    from ehrsynth.data.build import BuildOptions
+    from ehrsynth.data.readers.omop import read_omop
+    from ehrsynth.demo_data import demo_directory
+    from ehrsynth.evaluation.fidelity import detection_auroc, halo_fidelity, prevalence_fidelity
+    from ehrsynth.models.ehrdiff import EHRDiffSampling
+    from ehrsynth.models.io import load_model, save_model
+    from ehrsynth.pipeline import train_model
+
+    corpus = read_omop(demo_directory(), options=BuildOptions(seed=0))
+    real = corpus.part("train").flatten_visits()
+    runs = []
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as run:
+            t = time.perf_counter()
+            result = train_model("ehrdiff", corpus, run, model_options=model_options,
+                                 training_options={**training_options, "seed": seed}, progress=False)
+            train_s = time.perf_counter() - t
+            model = load_model(run)
+        if save_to is not None:
+            save_model(model, Path(save_to) / f"seed{seed}")
+        t = time.perf_counter()
+        synthetic = model.generate(real.n_patients, seed=seed, sampling=EHRDiffSampling(steps=sampling_steps))
+        sample_s = time.perf_counter() - t
+        prevalence = prevalence_fidelity(real, synthetic)
+        runs.append({
+            "seed": seed, "steps": result.steps, "train_s": round(train_s, 1), "sample_s": round(sample_s, 2),
+            "nzc": prevalence.nzc_synthetic, "nzc_real": prevalence.nzc_real,
+            "prevalence_r": round(prevalence.pearson, 4),
+            "prevalence_r2": round(halo_fidelity(real, synthetic).record_code_r2, 4),
+            "codes_per_patient": round(synthetic.n_codes / synthetic.n_patients, 2),
+            "detection_auroc": round(detection_auroc(real, synthetic, seed=seed).auroc, 4)})
+    summary = {"real_codes_per_patient": round(real.n_codes / real.n_patients, 2)}
+    for key in ("nzc", "prevalence_r", "prevalence_r2", "detection_auroc", "codes_per_patient", "train_s"):
+        values = np.array([r[key] for r in runs], dtype=float)
+        summary[key] = {"mean": round(float(values.mean()), 4), "min": float(values.min()), "max": float(values.max())}
+    return {"model": model_options, "training": training_options, "summary": summary, "runs": runs}
+
+
+# rows of the comparison: (model options, training options) over the demo's (pipeline.DEMO_SETTINGS)
+COMPARE_ROWS = {
+    "paper MLP, the demo before (lr 3e-4)": ({"denoiser": "mlp", "column_weight_power": 0.0}, {"lr": 3e-4}),
+    "paper MLP, new training": ({"denoiser": "mlp"}, {}),
+    "residual, new training (default)": ({}, {}),
+}
+
+
+def bench_compare(seeds=(0, 1)) -> dict:
+    """The paper's MLP against the default residual network: demo quality over training seeds, and training
+    step / sampling speed at the paper's MIMIC shape, both measured in this one run (ratios = default / MLP)."""
+    from ehrsynth.pipeline import DEMO_SETTINGS
+
+    demo = DEMO_SETTINGS["ehrdiff"]
+    out: dict = {"quality": {}, "speed": {}}
+    for name, (model_options, training_options) in COMPARE_ROWS.items():
+        out["quality"][name] = demo_quality({**demo["model"], **model_options},
+                                            {**demo["training"], **training_options}, seeds=seeds)
+    for denoiser in ("mlp", "resnet"):
+        out["speed"][denoiser] = bench_speed(denoiser)
+    mlp, resnet = out["speed"]["mlp"], out["speed"]["resnet"]
+    out["speed"]["ratio_train_step_s"] = round(resnet["train_step_s"] / mlp["train_step_s"], 3)
+    out["speed"]["ratio_samples_per_s"] = round(resnet["samples_per_s"] / mlp["samples_per_s"], 3)
+    print(compare_table(out), flush=True)
+    return out
+
+
+def compare_table(out: dict) -> str:
+    """A markdown table of :func:`bench_compare`'s results: mean [min, max] over seeds."""
+    def cell(summary: dict, key: str) -> str:
+        s = summary[key]
+        return f"{s['mean']:.4g} [{s['min']:.4g}, {s['max']:.4g}]"
+
+    keys = ("nzc", "prevalence_r", "prevalence_r2", "detection_auroc", "codes_per_patient", "train_s")
+    lines = ["| setting | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, result in out["quality"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(result["summary"], k) for k in keys) + " |")
+    first = next(iter(out["quality"].values()))
+    lines.append(f"\nreal train: NZC {first['runs'][0]['nzc_real']}, "
+                 f"{first['summary']['real_codes_per_patient']} codes per patient")
+    for denoiser in ("mlp", "resnet"):
+        s = out["speed"][denoiser]
+        lines.append(f"{denoiser}: {s['parameters']:,} parameters, {s['train_step_s']} s per training step, "
+                     f"{s['samples_per_s']} patients/s sampling (paper shape)")
+    lines.append(f"ratios resnet/mlp: train step {out['speed']['ratio_train_step_s']}, "
+                 f"sampling patients/s {out['speed']['ratio_samples_per_s']}")
+    return "\n".join(lines)
+
+
 MEMORY_CHILD = """
 import json, resource, sys, time
 import torch
@@ -201,7 +299,8 @@ def bench_memory(n: int = 1_000_000) -> dict:
 
     corpus = random_mimic_corpus(8192)
     torch.manual_seed(0)
-    model = EHRDiffModel.from_corpus(corpus, EHRDiffConfig(hidden_dims=(64, 64), time_dim=64, fourier_dim=32))
+    model = EHRDiffModel.from_corpus(corpus, EHRDiffConfig(denoiser="mlp", hidden_dims=(64, 64), time_dim=64,
+                                                                 fourier_dim=32, column_weight_power=0.0))
     config = TrainConfig(optimizer="adamw", lr=3e-3, batch_size=512, max_steps=300, max_epochs=1000,
                          lr_schedule="cosine", warmup_fraction=0.05, eval_every=10_000, checkpoint_every=10_000,
                          device="cpu")
@@ -219,7 +318,7 @@ def bench_memory(n: int = 1_000_000) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--section", choices=("speed", "steps", "memory", "all"), default="all")
+    parser.add_argument("--section", choices=("speed", "steps", "memory", "compare", "all"), default="all")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 is steadier on a shared, busy CPU")
@@ -230,7 +329,8 @@ def main() -> None:
     sections = ("speed", "steps", "memory") if args.section == "all" else (args.section,)
     for name in sections:
         t = time.perf_counter()
-        results[name] = {"speed": bench_speed, "steps": bench_steps, "memory": bench_memory}[name]()
+        results[name] = {"speed": bench_speed, "steps": bench_steps, "memory": bench_memory,
+                         "compare": bench_compare}[name]()
         results[name]["section_s"] = round(time.perf_counter() - t, 1)
         print(json.dumps({name: results[name]}, indent=2), flush=True)
     results["load_average_at_end"] = os.getloadavg()

@@ -396,7 +396,7 @@ DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "ehrdiff": {
         "model": MODEL_PRESETS["ehrdiff"]["small"],
-        "training": {"batch_size": 256, "max_steps": 1500, "eval_every": 250, "checkpoint_every": 250},
+        "training": {"batch_size": 256, "lr": 1e-3, "max_steps": 1500, "eval_every": 250, "checkpoint_every": 250},
     },
 }
 

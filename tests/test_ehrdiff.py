@@ -20,6 +20,7 @@ from ehrsynth.models.ehrdiff import (
     EHRDiffModel,
     EHRDiffSampling,
     MLPDenoiser,
+    ResidualDenoiser,
     binarize,
     edm_coefficients,
     edm_loss_weight,
@@ -179,9 +180,10 @@ def test_per_sample_noise_does_not_depend_on_chunking():
 
 
 # ---- network ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("network", [MLPDenoiser, ResidualDenoiser])
 @pytest.mark.parametrize("dim", [1, 7, 80, 581, 1783])
-def test_network_works_for_any_vocabulary_size(dim):
-    net = MLPDenoiser(dim, (32, 16, 32), time_dim=16, fourier_dim=8, n_attributes=2)
+def test_network_works_for_any_vocabulary_size(dim, network):
+    net = network(dim, (32, 16, 32), time_dim=16, fourier_dim=8, n_attributes=2)
     x, c_noise = torch.randn(5, dim), torch.randn(5)
     assert net(x, c_noise).shape == (5, dim)
     assert net(x, c_noise, torch.tensor([[0, 1]] * 5)).shape == (5, dim)
@@ -191,13 +193,31 @@ def test_paper_network_has_the_papers_size():
     # D -> 1024 -> 384 -> 384 -> 384 -> 1024 -> D with time injected in every block; the reference embedded
     # time with a D-wide sinusoid, which gives the paper's ~7.5M parameters at D = 1,782
     meta = CorpusMeta(codes=tuple(f"X/{i}" for i in range(1782)), extra={"sigma_data": 0.14})
-    assert count_parameters(EHRDiffModel(EHRDiffConfig(fourier_dim=1782), meta)) == pytest.approx(7.5e6, rel=0.01)
+    paper = EHRDiffModel(EHRDiffConfig(denoiser="mlp", fourier_dim=1782, column_weight_power=0.0), meta)
+    assert count_parameters(paper) == pytest.approx(7.5e6, rel=0.01)
 
 
-def test_eval_mode_shares_the_time_projection_without_changing_results():
+def test_residual_network_layout_and_zero_start():
+    net = ResidualDenoiser(80, (64, 16, 24, 64), time_dim=16, fourier_dim=8)
+    assert [(m.in_features, m.out_features) for m in net.up] == [(64, 16), (64, 24)]  # one block per middle width
+    assert [m.out_features for m in net.time_proj] == [64, 32, 48]  # the stream's, then (scale, shift) per block
+    x, c_noise = torch.randn(5, 80), torch.randn(5)
+    assert torch.equal(net(x, c_noise), torch.zeros(5, 80))  # F starts at 0: D(x) = c_skip x
+    assert [m.in_features for m in ResidualDenoiser(3, (8,), time_dim=4, fourier_dim=2).up] == [8]
+    with pytest.raises(ConfigError, match="hidden_dims.*first and last"):
+        EHRDiffConfig(hidden_dims=(64, 16, 32))
+    with pytest.raises(ConfigError, match="denoiser must be one of"):
+        EHRDiffConfig(denoiser="unet")
+    assert EHRDiffConfig(denoiser="mlp", hidden_dims=(64, 16, 32)).denoiser == "mlp"  # the MLP takes any widths
+
+
+@pytest.mark.parametrize("network", [MLPDenoiser, ResidualDenoiser])
+def test_eval_mode_shares_the_time_projection_without_changing_results(network):
     torch.manual_seed(0)
-    net = MLPDenoiser(9, (32, 16), time_dim=16, fourier_dim=8, n_attributes=1)
+    net = network(9, (32, 16, 32), time_dim=16, fourier_dim=8, n_attributes=1)
     torch.nn.init.normal_(net.label_embedding.weight)
+    for p in net.parameters():  # move the zero-initialised layers so every path matters
+        torch.nn.init.normal_(p, std=0.3) if p.ndim > 1 else torch.nn.init.normal_(p, std=0.1)
     x, c_noise = torch.randn(6, 9), torch.tensor([0.3] * 3 + [-0.2] * 3)
     label = torch.tensor([[0], [2], [0], [1], [1], [2]])
     train_out = net.train()(x, c_noise, label)
@@ -207,9 +227,10 @@ def test_eval_mode_shares_the_time_projection_without_changing_results():
     torch.testing.assert_close(net.eval()(x, same_sigma, same_label), train_out, rtol=1e-5, atol=1e-6)
 
 
-def test_untrained_conditional_model_equals_unconditional():
+@pytest.mark.parametrize("network", [MLPDenoiser, ResidualDenoiser])
+def test_untrained_conditional_model_equals_unconditional(network):
     torch.manual_seed(0)
-    net = MLPDenoiser(9, (32,), time_dim=16, fourier_dim=8, n_attributes=2)
+    net = network(9, (32,), time_dim=16, fourier_dim=8, n_attributes=2)
     x, c_noise = torch.randn(4, 9), torch.randn(4)
     torch.testing.assert_close(net(x, c_noise, torch.tensor([[0, 1]] * 4)), net(x, c_noise, None))
 
@@ -276,12 +297,16 @@ def test_config_and_condition_errors_name_the_parameter(mimic3_corpus):
         plain.iter_generate(2, batch_size=0)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(mimic3_corpus):
+@pytest.fixture(scope="module", params=["resnet", "mlp"])
+def tiny_model(mimic3_corpus, request):
     torch.manual_seed(0)
-    config = EHRDiffConfig(hidden_dims=(32, 16, 32), time_dim=16, fourier_dim=8, model_statics=True,
-                           conditional=True)
-    return EHRDiffModel.from_corpus(mimic3_corpus, config)
+    config = EHRDiffConfig(denoiser=request.param, hidden_dims=(32, 16, 32), time_dim=16, fourier_dim=8,
+                           model_statics=True, conditional=True)
+    model = EHRDiffModel.from_corpus(mimic3_corpus, config)
+    with torch.no_grad():  # the residual network's output layers start at zero: give them weights to test with
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    return model
 
 
 FAST = EHRDiffSampling(steps=6)
@@ -322,6 +347,46 @@ def test_save_load_round_trip_gives_identical_output(tiny_model, tmp_path):
     for conditions in (None, {"mortality": "0"}):
         assert loaded.generate(25, seed=3, conditions=conditions, sampling=FAST).equals(
             tiny_model.generate(25, seed=3, conditions=conditions, sampling=FAST))
+
+
+def test_column_weights_raise_rare_columns(mimic3_corpus):
+    from ehrsynth.models.ehrdiff.model import column_means
+    from ehrsynth.models.ehrdiff.network import column_weights
+
+    means = np.array([0.5, 0.1, 0.01, 0.0])
+    variance = np.array([0.25, 0.09, 0.0099, 1e-4])  # p (1 - p), floored at 1e-4
+    for power in (0.5, 1.0):
+        expected = (variance.mean() / variance) ** power
+        np.testing.assert_allclose(column_weights(means, power), expected / expected.mean())
+    np.testing.assert_allclose(column_weights(means, 0.0), np.ones(4))
+    model = EHRDiffModel.from_corpus(mimic3_corpus, TINY)
+    train = mimic3_corpus.patient_multi_hot(np.flatnonzero(mimic3_corpus.split == 0))
+    np.testing.assert_allclose(model.meta.extra["column_means"], train.mean(0), atol=1e-6)
+    np.testing.assert_allclose(model.column_weight.numpy(), column_weights(train.mean(0), 0.5), rtol=1e-4)
+    assert column_means(mimic3_corpus, model_statics=True).shape == (mimic3_corpus.vocab_size + 3,)
+    with pytest.raises(ConfigError, match="column_weight_power needs the training column means"):
+        EHRDiffModel(TINY, CorpusMeta(codes=("X/1",), extra={"sigma_data": 0.1}))
+    with pytest.raises(ConfigError, match="column_weight_power must be in"):
+        EHRDiffConfig(column_weight_power=-1)
+
+
+def test_model_saved_before_the_denoiser_option_loads_as_the_mlp(mimic3_corpus, tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    mlp = EHRDiffModel.from_corpus(mimic3_corpus, EHRDiffConfig(denoiser="mlp", hidden_dims=(32, 16), time_dim=16,
+                                                                fourier_dim=8, column_weight_power=0.0))
+    save_model(mlp, tmp_path / "old")
+    header = json.loads((tmp_path / "old" / "model.json").read_text())
+    del header["config"]["denoiser"]  # what a model saved before the options looks like
+    del header["config"]["column_weight_power"]
+    (tmp_path / "old" / "model.json").write_text(json.dumps(header))
+    loaded = load_model(tmp_path / "old")
+    assert loaded.config.denoiser == "mlp" and isinstance(loaded.denoiser.net, MLPDenoiser)
+    assert loaded.config.column_weight_power == 0.0
+    assert loaded.generate(20, seed=2, sampling=FAST).equals(mlp.generate(20, seed=2, sampling=FAST))
+    assert EHRDiffConfig().denoiser == "resnet"  # while a new config gets the residual network, weighted loss
+    assert EHRDiffConfig().column_weight_power == 0.5
 
 
 def test_default_train_config_is_the_papers():

@@ -68,6 +68,13 @@ class GenerativeModel(nn.Module):
         self.meta = meta
 
     @classmethod
+    def config_from_saved(cls, data: dict[str, Any]) -> Any:
+        """The config of a saved model from its JSON dict; a family overrides this to read older formats."""
+        from ehrsynth.models.io import config_from_dict  # late import: io imports this module
+
+        return config_from_dict(cls.config_class, data)
+
+    @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: Any) -> GenerativeModel:
         """Build an untrained model for ``corpus``, the training patients (a corpus, or a view of one as
         ``train_model`` passes), computing the meta facts the model needs."""

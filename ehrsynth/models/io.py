@@ -93,7 +93,7 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> 
     header = _read_header(directory / CONFIG)
     try:
         cls = model_class(header["family"])
-        config = config_from_dict(cls.config_class, header["config"])
+        config = cls.config_from_saved(header["config"])
         model = cls(config, CorpusMeta.from_dict(header["meta"]))
     except ConfigError as exc:
         raise InputError(str(exc), file=directory / CONFIG) from None

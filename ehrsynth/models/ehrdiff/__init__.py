@@ -5,7 +5,14 @@ Four pieces, as EDM: the raw network and the preconditioner and loss (:mod:`.net
 """
 
 from ehrsynth.models.ehrdiff.model import EHRDiffConfig, EHRDiffModel, data_density, static_column_names
-from ehrsynth.models.ehrdiff.network import EDMLoss, EDMPrecond, MLPDenoiser, edm_coefficients, edm_loss_weight
+from ehrsynth.models.ehrdiff.network import (
+    EDMLoss,
+    EDMPrecond,
+    MLPDenoiser,
+    ResidualDenoiser,
+    edm_coefficients,
+    edm_loss_weight,
+)
 from ehrsynth.models.ehrdiff.sampling import (
     EHRDiffSampling,
     binarize,
@@ -16,7 +23,7 @@ from ehrsynth.models.ehrdiff.sampling import (
 )
 
 __all__ = [
-    "EDMLoss", "EDMPrecond", "EHRDiffConfig", "EHRDiffModel", "EHRDiffSampling", "MLPDenoiser", "binarize",
-    "data_density", "edm_coefficients", "edm_loss_weight", "edm_sigma_schedule", "guided_denoiser", "heun_sampler",
-    "per_sample_noise", "static_column_names",
+    "EDMLoss", "EDMPrecond", "EHRDiffConfig", "EHRDiffModel", "EHRDiffSampling", "MLPDenoiser", "ResidualDenoiser",
+    "binarize", "data_density", "edm_coefficients", "edm_loss_weight", "edm_sigma_schedule", "guided_denoiser",
+    "heun_sampler", "per_sample_noise", "static_column_names",
 ]

@@ -14,10 +14,12 @@ What differs from the reference code, and why:
 * Generation runs in bounded-memory chunks, and patient i depends only on (seed, i), never on the chunk size.
 * The warm-up of the learning rate is a fraction of the run (see :meth:`EHRDiffModel.default_train_config`).
 
-A limitation kept from the paper: the MLP cannot make each of hundreds of coordinates a sharp 0/1 decision, so
-the continuous samples of a code are spread around its prevalence rather than piled at 0 and 1 (on GiBleed about
-20% of values end between 0.2 and 0.8, whatever the number of steps). Rounding then gets the prevalences right
-(r = 0.994) but loses codes rarer than about 1% (NZC 77 of 80).
+* The default raw network is not the paper's MLP (``denoiser="mlp"`` keeps it) but residual blocks with
+  LayerNorm and FiLM time modulation, trained with a loss weighted per code by its variance
+  (``column_weight_power``). The paper's MLP cannot make each coordinate a sharp 0/1 decision: the continuous
+  samples of a code spread around its prevalence (on GiBleed about 20% of values end between 0.2 and 0.8), and
+  rounding loses codes rarer than about 1% (NZC 75-77 of 80). The uniform loss also gives a code of prevalence
+  p a squared error of order p, too small to shape the network for the rare ones.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.conditions import Conditions
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
-from ehrsynth.models.ehrdiff.network import EDMLoss, EDMPrecond, MLPDenoiser
+from ehrsynth.models.ehrdiff.network import DENOISERS, EDMLoss, EDMPrecond, MLPDenoiser, column_weights, residual_widths
 from ehrsynth.models.ehrdiff.sampling import (
     EHRDiffSampling,
     binarize,
@@ -55,8 +57,11 @@ class EHRDiffConfig:
     """EHRDiff's architecture and diffusion settings (training settings are the shared TrainConfig).
 
     Attributes:
-        hidden_dims: hidden widths of the MLP; the paper's MIMIC network is D -> 1024 -> 384 -> 384 -> 384 ->
-            1024 -> D.
+        denoiser: the raw network: ``"resnet"`` (default), residual blocks with LayerNorm and FiLM time
+            modulation (:class:`~ehrsynth.models.ehrdiff.network.ResidualDenoiser`), or ``"mlp"``, the paper's MLP
+            without residuals or normalisation. Models saved before this option load as ``"mlp"``.
+        hidden_dims: hidden widths; the paper's MIMIC MLP is D -> 1024 -> 384 -> 384 -> 384 -> 1024 -> D. For
+            ``"resnet"`` the first (and last) width is the residual stream's and each middle one a block's.
         time_dim: width of the time (and label) embedding injected in every block (384 in the paper).
         fourier_dim: width of the sinusoidal features of c_noise (even). The reference used the vocabulary size.
         sigma_data: data standard deviation for preconditioning; None estimates it from the training data as
@@ -66,8 +71,14 @@ class EHRDiffConfig:
         conditional: learn label/sex embeddings for classifier-free guided conditional generation.
         label_dropout: in conditional training, the probability of dropping all conditions of a patient (the
             unconditional model) and, independently, each single condition (for partial conditions).
+        column_weight_power: weight each column's loss by (mean variance / its variance)^power (see
+            :func:`~ehrsynth.models.ehrdiff.network.column_weights`); 0 is the paper's uniform loss. 0.5 (the
+            default) brings back codes rarer than 1% on GiBleed (benchmarks/bench_ehrdiff.py, section compare).
+            Needs the training column means (``meta.extra["column_means"]``, kept by
+            :meth:`EHRDiffModel.from_corpus`).
     """
 
+    denoiser: Literal["resnet", "mlp"] = "resnet"
     hidden_dims: tuple[int, ...] = (1024, 384, 384, 384, 1024)
     time_dim: int = 384
     fourier_dim: int = 256
@@ -77,11 +88,19 @@ class EHRDiffConfig:
     model_statics: bool = False
     conditional: bool = False
     label_dropout: float = 0.1
+    column_weight_power: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
         if not self.hidden_dims or any(not isinstance(w, int) or w < 1 for w in self.hidden_dims):
             raise ConfigError(f"hidden_dims must be one or more positive integers, got {self.hidden_dims!r}")
+        if self.denoiser not in DENOISERS:
+            raise ConfigError(f"denoiser must be one of {sorted(DENOISERS)!r}, got {self.denoiser!r}")
+        if self.denoiser == "resnet":
+            try:
+                residual_widths(self.hidden_dims)
+            except ValueError as exc:
+                raise ConfigError(f"hidden_dims: {exc}") from None
         if self.time_dim < 1:
             raise ConfigError(f"time_dim must be >= 1, got {self.time_dim!r}")
         if self.fourier_dim < 2 or self.fourier_dim % 2:
@@ -90,6 +109,8 @@ class EHRDiffConfig:
             raise ConfigError(f"sigma_data must be > 0 (or None to estimate it), got {self.sigma_data!r}")
         if not self.p_std > 0:
             raise ConfigError(f"p_std must be > 0, got {self.p_std!r}")
+        if not 0 <= self.column_weight_power <= 2:
+            raise ConfigError(f"column_weight_power must be in [0, 2], got {self.column_weight_power!r}")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
 
@@ -105,7 +126,7 @@ class _Chunk(NamedTuple):
 
 
 class EHRDiffModel(GenerativeModel):
-    """EHRDiff: the preconditioned denoiser ``self.denoiser`` (EDM) around an :class:`MLPDenoiser`.
+    """EHRDiff: the preconditioned denoiser ``self.denoiser`` (EDM) around a raw network (``config.denoiser``).
 
     Example:
         >>> model = EHRDiffModel.from_corpus(train_corpus, EHRDiffConfig())          # doctest: +SKIP
@@ -125,10 +146,20 @@ class EHRDiffModel(GenerativeModel):
         self.n_codes = len(meta.codes)
         self.static_columns = static_column_names(meta.label_names) if config.model_statics else ()
         self.attributes = (*meta.label_names, "sex") if config.conditional else ()
-        net = MLPDenoiser(self.n_codes + len(self.static_columns), config.hidden_dims, time_dim=config.time_dim,
-                          fourier_dim=config.fourier_dim, n_attributes=len(self.attributes))
+        net = DENOISERS[config.denoiser](self.n_codes + len(self.static_columns), config.hidden_dims,
+                                         time_dim=config.time_dim, fourier_dim=config.fourier_dim,
+                                         n_attributes=len(self.attributes))
         self.denoiser = EDMPrecond(net, float(sigma_data))
         self.loss = EDMLoss(float(sigma_data), p_mean=config.p_mean, p_std=config.p_std)
+        weights = None
+        if config.column_weight_power:
+            means = meta.extra.get("column_means")
+            if means is None or len(means) != self.dim:
+                raise ConfigError("column_weight_power needs the training column means: build the model with "
+                                  "EHRDiffModel.from_corpus(corpus, config)")
+            weights = torch.tensor(column_weights(np.asarray(means, dtype=np.float64), config.column_weight_power),
+                                   dtype=torch.float32)  # (D,)
+        self.register_buffer("column_weight", weights, persistent=False)
 
     @property
     def sigma_data(self) -> float:
@@ -141,6 +172,11 @@ class EHRDiffModel(GenerativeModel):
 
     # ---- building and training -----------------------------------------------------------------------------
     @classmethod
+    def config_from_saved(cls, data: dict[str, Any]) -> EHRDiffConfig:
+        """A saved config; one written before ``denoiser`` existed is the paper's MLP."""
+        return super().config_from_saved({"denoiser": "mlp", "column_weight_power": 0.0, **data})
+
+    @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: EHRDiffConfig | None = None) -> EHRDiffModel:
         """An untrained model for ``corpus``; ``sigma_data`` (if not set) is estimated from its train split (or
         from the patients of a view).
@@ -151,7 +187,8 @@ class EHRDiffModel(GenerativeModel):
         config = config or EHRDiffConfig()
         if not isinstance(config, EHRDiffConfig):
             raise ConfigError(f"config must be an EHRDiffConfig, got {type(config).__name__}")
-        density = data_density(corpus, model_statics=config.model_statics)
+        means = column_means(corpus, model_statics=config.model_statics)
+        density = float(means.mean())
         if config.sigma_data is None:
             if not 0 < density < 1:
                 raise ConfigError(f"cannot estimate sigma_data: the training data density is {density!r}; "
@@ -159,7 +196,8 @@ class EHRDiffModel(GenerativeModel):
             sigma_data, source = float(np.sqrt(density * (1 - density))), "estimated: sqrt(p(1-p)), p = density"
         else:
             sigma_data, source = float(config.sigma_data), "config"
-        meta = CorpusMeta.from_corpus(corpus, sigma_data=sigma_data, data_density=density, sigma_data_source=source)
+        meta = CorpusMeta.from_corpus(corpus, sigma_data=sigma_data, data_density=density, sigma_data_source=source,
+                                      column_means=[round(float(m), 6) for m in means])
         return cls(config, meta)
 
     @classmethod
@@ -214,7 +252,8 @@ class EHRDiffModel(GenerativeModel):
         sigma = (torch.randn(x.shape[0], device=x.device, generator=generator) * self.loss.p_std
                  + self.loss.p_mean).exp()  # EDM: ln(sigma) ~ N(p_mean, p_std^2)
         noise = torch.randn(x.shape, device=x.device, generator=generator)
-        return self.loss(self.denoiser, x, label, sigma=sigma, noise=noise).mean()
+        loss = self.loss(self.denoiser, x, label, sigma=sigma, noise=noise)  # (B, D)
+        return (loss if self.column_weight is None else loss * self.column_weight).mean()
 
     def _drop_labels(self, label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         p = self.config.label_dropout
@@ -403,6 +442,12 @@ def data_density(corpus: PatientCorpus | CorpusView, *, model_statics: bool = Fa
     """Mean of all entries of the multi-hot training matrix (codes, plus label and sex columns when modelled),
     over the train split (all patients if the corpus has none marked train; a view's own patients), without
     building it whole. ``sigma_data = sqrt(p (1 - p))`` is the standard deviation of those 0/1 entries."""
+    return float(column_means(corpus, model_statics=model_statics, chunk=chunk).mean())
+
+
+def column_means(corpus: PatientCorpus | CorpusView, *, model_statics: bool = False, chunk: int = 4096) -> np.ndarray:
+    """Per-column mean of the multi-hot training matrix (code prevalences, then label and sex=F, sex=M shares
+    when modelled) over the patients :func:`data_density` uses; (D,) float64."""
     if isinstance(corpus, CorpusView):
         corpus, patients = corpus.corpus, corpus.patients
     else:
@@ -411,10 +456,10 @@ def data_density(corpus: PatientCorpus | CorpusView, *, model_statics: bool = Fa
             patients = np.arange(corpus.n_patients)
     if len(patients) == 0:
         raise ConfigError("cannot estimate sigma_data from an empty corpus")
-    ones = sum(float(corpus.patient_multi_hot(patients[i:i + chunk], dtype=np.uint8).sum(dtype=np.int64))
+    ones = sum(corpus.patient_multi_hot(patients[i:i + chunk], dtype=np.uint8).sum(0, dtype=np.int64)
                for i in range(0, len(patients), chunk))
-    width = corpus.vocab_size
     if model_statics:
-        ones += float(np.asarray(corpus.labels)[patients].sum()) + float((np.asarray(corpus.sex)[patients] >= 0).sum())
-        width += len(corpus.label_names) + 2
-    return ones / (len(patients) * width)
+        sex = np.asarray(corpus.sex)[patients]
+        ones = np.concatenate([ones, np.asarray(corpus.labels)[patients].sum(0, dtype=np.int64),
+                               [(sex == 0).sum(), (sex == 1).sum()]])
+    return np.asarray(ones, dtype=np.float64) / len(patients)
