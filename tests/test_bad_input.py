@@ -537,7 +537,8 @@ def saved_model(mimic3_corpus, tmp_path):
     from ehrsynth.models.ehrdiff import EHRDiffConfig, EHRDiffModel
     from ehrsynth.models.io import save_model
 
-    model = EHRDiffModel.from_corpus(mimic3_corpus, EHRDiffConfig(hidden_dims=(8,), time_dim=8, fourier_dim=4))
+    config = EHRDiffConfig(hidden_dims=(8,), time_dim=8, fourier_dim=4, column_weight_power=0.0)  # weights checked
+    model = EHRDiffModel.from_corpus(mimic3_corpus, config)
     return save_model(model, tmp_path / "model")
 
 

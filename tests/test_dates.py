@@ -132,7 +132,7 @@ def halo(mimic_train):
     with pytest.warns(UserWarning, match="last 7 visits are kept"):
         model = HaloModel.from_corpus(mimic_train, HaloConfig.small(n_ctx=10))
     with torch.no_grad():  # visits of about 10 codes, as a trained model's
-        model.fine.layer2.bias[model.fine.logit_rows.start:][:model.layout.n_codes] -= 4.0
+        model.fine.layer2.bias[:model.layout.n_codes] -= 4.0
     return model.eval()
 
 

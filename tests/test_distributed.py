@@ -48,10 +48,12 @@ def test_halo_two_processes_follow_the_single_process_trajectory(corpus_dir, tmp
     single = _train(corpus_dir, tmp_path / "one", "halo", HALO_TINY, nproc=1, steps=12)
     double = _train(corpus_dir, tmp_path / "two", "halo", HALO_TINY, nproc=2, steps=12, flag=True)
     assert len(single) == len(double) == 12
-    # Each process averages over its own rows and DDP averages the two gradients, while one process averages
-    # over all rows of the batch: equal when both halves hold as many rows, close otherwise.
+    # Each process averages over its own scored tokens and DDP averages the two gradients, while one process
+    # averages over all tokens of the batch: equal when both halves hold as many tokens, close otherwise (the
+    # halves of these 12-patient batches differ by up to ~20% in tokens; measured deviation at most 0.09).
     relative = np.abs(np.array(single) - np.array(double)) / np.array(single)
-    assert relative.max() < 0.05, relative
+    assert relative.max() < 0.15, relative
+    assert np.median(relative) < 0.03, relative
     assert double[-1] < double[0]
 
 

@@ -95,7 +95,7 @@ class GenerativeModel(nn.Module):
         default is ``forward``'s mean loss per patient (``batch["n_patients"]``, added by the loop), with noise
         from ``batch["generator"]``, which the loop seeds afresh at each validation: a noisy loss (EHRDiff's
         EDM loss) is then evaluated at the same noise levels and noise every time. A model with an exact
-        likelihood overrides it (HALO: nats per code).
+        likelihood overrides it (HALO: nats per scored token).
         """
         n = batch["n_patients"]
         return self(batch) * n, torch.tensor(float(n))

@@ -282,7 +282,7 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
     eval_every = config.eval_every or max(steps_per_epoch, MIN_EVAL_EVERY)
     use_amp = device.type == "cuda"
     # ---- DP hook (training/dp.py): None unless config.dp_epsilon; the accountant's state lives in state["dp"]
-    private = dp.start(config, train_corpus.n_patients, planned, state, world.size)
+    private = dp.start(config, n_patients, planned, state, world.size)
     history: list[dict[str, Any]] = []
     running = torch.zeros((), device=device)
     running_count = 0

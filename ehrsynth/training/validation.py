@@ -20,7 +20,7 @@ from ehrsynth.training import distributed as dist
 def evaluate_loss(model: GenerativeModel, corpus: PatientCorpus | CorpusView, *, batch_size: int,
                   seed: int = 0) -> float:
     """The validation criterion on ``corpus``: the summed :meth:`~GenerativeModel.validation_loss` of its
-    batches over their summed units (HALO: nats per code; default: the patient-weighted mean loss).
+    batches over their summed units (HALO: nats per scored token; default: the patient-weighted mean loss).
 
     Noise comes from a generator seeded with ``seed`` afresh at every call, so repeated validations of the same
     weights give the same value (EHRDiff: the same noise levels and noise for every patient each time).

@@ -154,9 +154,12 @@ class EHRDiffModel(GenerativeModel):
         weights = None
         if config.column_weight_power:
             means = meta.extra.get("column_means")
-            if means is None or len(means) != self.dim:
+            if means is None:
                 raise ConfigError("column_weight_power needs the training column means: build the model with "
                                   "EHRDiffModel.from_corpus(corpus, config)")
+            if len(means) != self.dim:
+                raise ConfigError(f"column_means holds {len(means)} values but the model has {self.dim} columns "
+                                  f"({len(meta.codes)}-code vocabulary): the vocabulary and the means disagree")
             weights = torch.tensor(column_weights(np.asarray(means, dtype=np.float64), config.column_weight_power),
                                    dtype=torch.float32)  # (D,)
         self.register_buffer("column_weight", weights, persistent=False)
