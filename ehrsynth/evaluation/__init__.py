@@ -1,4 +1,4 @@
-"""Evaluation of synthetic corpora: fidelity, utility and privacy metrics.
+"""Evaluation of synthetic corpora: structure, fidelity, utility and privacy metrics.
 
 Every metric is a pure function of corpora (or arrays) returning a small frozen result with ``as_dict()``; the
 ``metric`` key of that dict names its definition in docs/metrics.md. Corpora may have different vocabularies:
@@ -13,7 +13,6 @@ from ehrsynth.evaluation.fidelity import (
     halo_statistics,
     maximum_mean_discrepancy,
     prevalence_fidelity,
-    structure_fidelity,
 )
 from ehrsynth.evaluation.privacy import (
     attribute_inference,
@@ -23,6 +22,7 @@ from ehrsynth.evaluation.privacy import (
     likelihood_membership_inference,
     nearest_neighbour_adversarial_accuracy,
 )
+from ehrsynth.evaluation.structure import record_shape, structure_fidelity, total_variation
 from ehrsynth.evaluation.utility import downstream_utility
 
 __all__ = [
@@ -43,5 +43,7 @@ __all__ = [
     "maximum_mean_discrepancy",
     "nearest_neighbour_adversarial_accuracy",
     "prevalence_fidelity",
+    "record_shape",
     "structure_fidelity",
+    "total_variation",
 ]

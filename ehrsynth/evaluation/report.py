@@ -23,9 +23,19 @@ from ehrsynth.models.io import atomic_write_text
 
 HEADLINES = (
     # (section, label, path into metrics, reading)
+    ("structure", "Empty visits (share)", ("structure", "empty_visit_share"), "the real share is ideal"),
+    ("structure", "Empty visits, real (share)", ("structure", "empty_visit_share_real"), "reference: real data"),
+    ("structure", "Undated visits (share)", ("structure", "undated_visit_share"), "the real share is ideal"),
+    ("structure", "Undated visits, real (share)", ("structure", "undated_visit_share_real"), "reference: real data"),
+    ("structure", "Unknown sex (share of records)", ("structure", "unknown_sex_share"), "the real share is ideal"),
+    ("structure", "Unknown sex, real (share)", ("structure", "unknown_sex_share_real"), "reference: real data"),
+    ("structure", "Codes per visit TV distance", ("structure", "codes_per_visit_tv"), "0 is ideal"),
+    ("structure", "Visits per patient TV distance", ("structure", "visits_per_patient_tv"), "0 is ideal"),
+    ("structure", "log2 gap days TV distance", ("structure", "log2_gap_days_tv"), "0 is ideal"),
     ("fidelity", "Code probability R² (per visit)", ("halo", "visit_code_r2"), "1 is ideal"),
     ("fidelity", "Code probability R² (per record)", ("halo", "record_code_r2"), "1 is ideal"),
     ("fidelity", "Within-visit co-occurrence R²", ("halo", "visit_pair_r2"), "1 is ideal"),
+    ("fidelity", "Within-visit co-occurrence Pearson r", ("halo", "visit_pair_pearson"), "1 is ideal"),
     ("fidelity", "Consecutive-visit conditional R²", ("halo", "consecutive_r2"), "1 is ideal"),
     ("fidelity", "Prevalence Pearson r", ("prevalence", "pearson"), "1 is ideal"),
     ("fidelity", "Detection AUROC (real vs synthetic)", ("detection", "auroc"), "0.5 is ideal"),
