@@ -114,7 +114,7 @@ def halo_fidelity(real: PatientCorpus, synthetic: PatientCorpus) -> HaloFidelity
 
 def halo_fidelity_from_statistics(pairs: dict[str, tuple[np.ndarray, np.ndarray]]) -> HaloFidelity:
     """:func:`halo_fidelity` from already paired statistics (lets the report reuse one computation)."""
-    r2 = {name: _r2(*pairs[name]) for name in HALO_STATISTICS}
+    r2 = {name: r_squared(*pairs[name]) for name in HALO_STATISTICS}
     r = {name: pearson(*pairs[name]) for name in HALO_STATISTICS}
     n = {name: len(pairs[name][0]) for name in HALO_STATISTICS}
     return HaloFidelity(
@@ -167,7 +167,8 @@ def _paired(real: sp.spmatrix, synthetic: sp.spmatrix) -> tuple[np.ndarray, np.n
     return out[0], out[1]
 
 
-def _r2(real: np.ndarray, synthetic: np.ndarray) -> float:
+def r_squared(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """sklearn's R^2 with ``real`` as y_true; NaN with fewer than 2 values."""
     return float(r2_score(real, synthetic)) if len(real) >= 2 else float("nan")
 
 
