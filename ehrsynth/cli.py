@@ -101,6 +101,11 @@ def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup,
     with _spinner(f"reading {source} from {input_path}"):
         corpus = read_source(source, input_path, options=options, **kwargs)
         corpus.save(output)
+        from ehrsynth.evaluation.descriptions import code_descriptions, save_descriptions
+
+        descriptions = code_descriptions(source, input_path)  # the report's code names, when the source has them
+        if descriptions:
+            save_descriptions(output, descriptions)
     summary = corpus.describe()
     click.echo(f"wrote {output}: {summary['patients']} patients, {summary['visits']} visits, "
                f"{summary['code_occurrences']} codes, vocabulary {summary['vocabulary_size']}")
@@ -275,12 +280,26 @@ def perplexity_command(run, data, part) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory.")
 @click.option("--seed", type=int, default=0, help="Seed of every sampled metric.")
 @click.option("--privacy-n", type=click.IntRange(min=10), default=2000, help="Patients per set for privacy metrics.")
-def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir, out, seed, privacy_n) -> None:
-    """Measure fidelity, utility and privacy; write metrics.json and a self-contained report.html."""
+@click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Bootstrap replicates of the headline intervals (0: no intervals).")
+@click.option("--descriptions", "descriptions_path", type=click.Path(path_type=Path), default=None,
+              help="descriptions.json (or a directory holding one) naming codes in the per-code tables; "
+                   "default: the one `prepare` saved beside --train.")
+def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir, out, seed, privacy_n, bootstrap,
+                     descriptions_path) -> None:
+    """Measure structure, fidelity, utility and privacy against a noise ceiling; write metrics.json and a
+    self-contained report.html."""
+    from ehrsynth.evaluation.descriptions import load_descriptions
     from ehrsynth.pipeline import evaluate_to
 
+    descriptions = None
+    if descriptions_path is not None:
+        if not descriptions_path.exists():
+            raise click.BadParameter(f"{str(descriptions_path)!r} does not exist", param_hint="--descriptions")
+        descriptions = load_descriptions(descriptions_path if descriptions_path.is_dir() else descriptions_path.parent)
     report, rows = evaluate_to(train_dir, test_dir, synthetic, out, synthetic_source=synthetic_source,
-                               model_dir=model_dir, seed=seed, privacy_n=privacy_n)
+                               model_dir=model_dir, seed=seed, privacy_n=privacy_n, bootstrap=bootstrap,
+                               descriptions=descriptions)
     click.echo(format_headline(rows))
     click.echo(f"report: {report}")
 

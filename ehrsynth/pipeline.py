@@ -272,15 +272,23 @@ def evaluate_to(
     model_dir: str | Path | None = None,
     seed: int = 0,
     privacy_n: int | None = 2000,
+    bootstrap: int = 200,
+    descriptions: dict[str, str] | None = None,
 ) -> tuple[Path, list]:
     """Evaluate ``synthetic`` against real ``train``/``test`` and write the report into ``out``.
+
+    ``descriptions`` (typed code -> name) label the per-code tables; by default the ``descriptions.json`` that
+    ``prepare`` saved beside a ``train`` corpus directory is used.
 
     Returns:
         The report path and the headline rows.
     """
     from ehrsynth.data.readers import read_source
+    from ehrsynth.evaluation.descriptions import load_descriptions
     from ehrsynth.evaluation.report import evaluate, headline, write_report
 
+    if descriptions is None and not isinstance(train, PatientCorpus):
+        descriptions = load_descriptions(train)
     train = train if isinstance(train, PatientCorpus) else load_corpus_part(train, "train")
     test = test if isinstance(test, PatientCorpus) else load_corpus_part(test, "test")
     if not isinstance(synthetic, PatientCorpus):
@@ -296,10 +304,11 @@ def evaluate_to(
         if hasattr(model, "patient_log_likelihood"):
             loglik = model.patient_log_likelihood
             extra["perplexity_test"] = model.perplexity(test)
-    metrics = evaluate(train, test, synthetic, patient_log_likelihood=loglik, seed=seed, privacy_n=privacy_n)
+    metrics = evaluate(train, test, synthetic, patient_log_likelihood=loglik, seed=seed, privacy_n=privacy_n,
+                       bootstrap=bootstrap, descriptions=descriptions)
     metrics.update(extra)
     metrics["_meta"]["real_flattened_to_one_visit"] = flattened
-    report = write_report(metrics, train, synthetic, out)
+    report = write_report(metrics, train, synthetic, out, reference=test)
     return report, headline(metrics)
 
 
@@ -365,8 +374,11 @@ def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: i
     synthetic = generate_corpus(run, train_part.n_patients, seed=seed, progress=progress)
     synthetic.save(out / "synthetic")
     say("[4/5] evaluating fidelity, utility and privacy")
+    from ehrsynth.evaluation.descriptions import code_descriptions
+
     report, rows = evaluate_to(train_part, test_part, synthetic, out / "report",
-                               model_dir=run if family == "halo" else None, seed=seed)
+                               model_dir=run if family == "halo" else None, seed=seed,
+                               descriptions=code_descriptions("omop", demo_directory()))
     say("[5/5] report written")
     return report, rows
 

@@ -77,7 +77,6 @@ def scatter_figure(metrics: dict[str, Any], train: PatientCorpus, synthetic: Pat
         ax.set_ylabel("synthetic value", fontsize=8)
         ax.tick_params(labelsize=7)
     np.atleast_1d(axes)[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Real vs synthetic statistics (log-log)", fontsize=10)
     missing = "; ".join(f"{TITLES[n].lower()}: {c['real_only']:,} real-only and {c['synthetic_only']:,} "
                         f"synthetic-only of {c['keys']:,} keys" for n, c in counts.items())
     caption = ("Each point is one code, pair or ordered pair; the dashed line is perfect agreement. Red crosses "

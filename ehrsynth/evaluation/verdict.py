@@ -32,6 +32,14 @@ THRESHOLDS: dict[str, tuple[float, float]] = {
     # privacy: attribute-inference F1 - its holdout baseline F1
     "attribute_over_baseline": (0.05, 0.10),
 }
+# how each rule's deviation reads in a sentence
+RULE_WORDS = {
+    "share_vs_real": "the difference", "tv_over_ceiling": "the excess over the ceiling",
+    "code_r2_below_ceiling": "the shortfall from the ceiling", "pearson_below_ceiling": "the shortfall from the ceiling",
+    "detection_over_ceiling": "the excess over the ceiling", "tstr_lift_lost": "the share of TRTR's lift over chance lost",
+    "attack_over_ceiling": "the excess over the ceiling", "copies_over_holdout": "the excess over the holdout rate",
+    "attribute_over_baseline": "the excess over the baseline",
+}
 AREAS = ("structure", "fidelity", "utility", "privacy")
 ORDER = {"pass": 0, "warn": 1, "fail": 2}
 
@@ -121,8 +129,8 @@ def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
                         f"{'real data' if area == 'structure' else 'reference'}.")
         else:
             sentence = (f"{worst['label']} is {_show(worst['value'])} against {_show(worst['reference'])} "
-                        f"({worst['reference_name']}); the pass limit is a difference of "
-                        f"{_show(worst['pass_limit'])}.")
+                        f"({worst['reference_name']}): {RULE_WORDS[worst['rule']]}, {_show(worst['deviation'])}, "
+                        f"exceeds the pass limit {_show(worst['pass_limit'])}.")
         out[area] = {"status": status, "sentence": sentence, "checks": mine}
     return out
 
