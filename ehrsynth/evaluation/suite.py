@@ -23,8 +23,11 @@ import numpy as np
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.evaluation import fidelity, privacy, utility
 from ehrsynth.evaluation.bootstrap import bootstrap_intervals
+from ehrsynth.evaluation.clinical import clinical_validity
 from ehrsynth.evaluation.features import check_size, sample_rows
+from ehrsynth.evaluation.per_code import per_code_view
 from ehrsynth.evaluation.structure import structure_fidelity
+from ehrsynth.evaluation.verdict import verdict
 
 # name in metrics.json -> metric(real train, other, seed); run for synthetic and for the reference
 FIDELITY_METRICS: dict[str, Callable[[PatientCorpus, PatientCorpus, int], Any]] = {
@@ -91,10 +94,6 @@ def evaluate(
     Raises:
         ConfigError: for a negative ``bootstrap`` or bad sizes.
     """
-    from ehrsynth.evaluation.clinical import clinical_validity
-    from ehrsynth.evaluation.per_code import per_code_view
-    from ehrsynth.evaluation.verdict import verdict
-
     check_size("bootstrap", bootstrap, minimum=0)
     timings: dict[str, float] = {}
 
