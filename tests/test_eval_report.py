@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import re
 import subprocess
@@ -114,7 +115,9 @@ def test_demo_report_page(demo_report):
     assert "ceiling (holdout)" in text and " – " in cells[1]
     assert set(metrics["verdict"]) == {"structure", "fidelity", "utility", "privacy"}
     assert all(v["status"] in ("pass", "warn", "fail", "not applicable") for v in metrics["verdict"].values())
-    assert metrics["per_code"]["described"] == 80 and "Viral sinusitis" in text or "sinusitis" in text.lower()
+    gaps = metrics["per_code"]["prevalence_gaps"]
+    assert metrics["per_code"]["described"] == 80 and len(gaps) == 20 and all(r["description"] for r in gaps)
+    assert all(html.escape(r["description"]) in text for r in gaps)
     assert "Code of the other sex" in text and "Visit before birth" in text
 
 

@@ -165,9 +165,10 @@ def _clinical_rows(clinical: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, label in CLINICAL_LABELS.items():
         synthetic = clinical.get("synthetic", {}).get(name, {})
+        reference = clinical.get("reference", {}).get(name, {}).get("per_1000")
         rows.append({"label": label, "real": clinical.get("real", {}).get(name, {}).get("per_1000"),
-                     "reference": clinical.get("reference", {}).get(name, {}).get("per_1000"),
-                     "synthetic": synthetic.get("per_1000"), "records": synthetic.get("records"),
+                     "reference": reference, "synthetic": synthetic.get("per_1000"),
+                     "gap": _gap(synthetic.get("per_1000"), reference), "records": synthetic.get("records"),
                      "checked": synthetic.get("checked"),
                      "top": ", ".join(f"{c} ({n})" for c, n in synthetic.get("top_codes", [])) or "—"})
     return rows
