@@ -121,3 +121,12 @@ def test_verdict_thresholds():
     assert na["status"] == "pass"
     assert [c["status"] for c in na["checks"] if c["label"] == "Attribute-inference F1"] == ["not applicable"]
     assert verdict({})["privacy"]["status"] == "not applicable"
+
+
+def test_a_ceiling_too_small_to_run_is_not_applicable():
+    from ehrsynth.evaluation.suite import _or_reason
+
+    real, one = toy(REAL), toy([[(0, ["A"])]], first_id=50)
+    result = _or_reason(lambda: fidelity.maximum_mean_discrepancy(real, one))
+    assert result["not_applicable"] is True and "at least 2 patient" in result["reason"]
+    assert _or_reason(lambda: fidelity.prevalence_fidelity(real, one))["metric"] == "fidelity.prevalence"

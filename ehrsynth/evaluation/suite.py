@@ -9,7 +9,8 @@ of the same number as the synthetic ones. It is the yardstick each table shows b
   (training on held-out patients instead would leave no unseen test data);
 * privacy: the attack with half of the holdout playing the synthetic data and the other half the non-members.
 
-Definitions in docs/metrics.md ("Noise ceiling"); nothing here prints.
+A ceiling the holdout is too small for (e.g. a privacy split of a 3-patient holdout) is recorded as "not
+applicable" with the reason. Definitions in docs/metrics.md ("Noise ceiling"); nothing here prints.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.errors import ConfigError
 from ehrsynth.evaluation import fidelity, privacy, utility
 from ehrsynth.evaluation.bootstrap import bootstrap_intervals
 from ehrsynth.evaluation.clinical import clinical_validity
@@ -62,6 +64,14 @@ def privacy_reference_split(holdout: PatientCorpus, n_synthetic: int, *,
     order = np.random.default_rng(seed).permutation(holdout.n_patients)
     half = min(holdout.n_patients // 2, n_synthetic)
     return holdout.subset(np.sort(order[:half])), holdout.subset(np.sort(order[half:]))
+
+
+def _or_reason(run: Callable[[], Any]) -> dict[str, Any]:
+    """A ceiling result as a dict, or "not applicable" with the reason when the holdout is too small for it."""
+    try:
+        return run().as_dict()
+    except ConfigError as error:
+        return {"metric": "", "not_applicable": True, "reason": str(error)}
 
 
 def evaluate(
@@ -109,12 +119,12 @@ def evaluate(
     ceiling: dict[str, Any] = {}
     for name, metric in FIDELITY_METRICS.items():
         out[name] = timed(name, lambda: metric(train, synthetic, seed)).as_dict()
-        ceiling[name] = timed(f"{name}.ceiling", lambda: metric(train, reference, seed)).as_dict()
+        ceiling[name] = timed(f"{name}.ceiling", lambda: _or_reason(lambda: metric(train, reference, seed)))
     out["utility"] = timed("utility", lambda: utility.downstream_utility(train, test, synthetic, seed=seed)).as_dict()
     for name, metric in PRIVACY_METRICS.items():
         out[name] = timed(name, lambda: metric(train, test, synthetic, privacy_n, seed)).as_dict()
-        ceiling[name] = timed(f"{name}.ceiling", lambda: metric(train, nonmembers, stand_in, privacy_n,
-                                                                seed)).as_dict()
+        ceiling[name] = timed(f"{name}.ceiling", lambda: _or_reason(
+            lambda: metric(train, nonmembers, stand_in, privacy_n, seed)))
     if patient_log_likelihood is not None:
         out["likelihood_membership"] = timed("likelihood_membership", lambda: (
             privacy.likelihood_membership_inference(patient_log_likelihood(train), patient_log_likelihood(test),
