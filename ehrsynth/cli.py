@@ -305,7 +305,7 @@ def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir
 
 
 def format_headline(rows) -> str:
-    return "\n".join(f"{area:<9}{label:<40}{'n/a' if value is None else f'{value:.3f}':>8}   {reading}"
+    return "\n".join(f"{area:<10}{label:<40}{'n/a' if value is None else f'{value:.3f}':>8}   {reading}"
                       for area, label, value, reading in rows)
 
 

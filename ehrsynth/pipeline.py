@@ -373,7 +373,7 @@ def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: i
     say(f"[3/5] generating {train_part.n_patients:,} synthetic patients")
     synthetic = generate_corpus(run, train_part.n_patients, seed=seed, progress=progress)
     synthetic.save(out / "synthetic")
-    say("[4/5] evaluating fidelity, utility and privacy")
+    say("[4/5] evaluating structure, fidelity, utility and privacy beside the noise ceiling")
     from ehrsynth.evaluation.descriptions import code_descriptions
 
     report, rows = evaluate_to(train_part, test_part, synthetic, out / "report",
