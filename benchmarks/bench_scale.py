@@ -109,7 +109,7 @@ def make_corpora(cache: Path, n_patients: int, sizes: list[int]) -> None:
     if not full.is_dir():
         start = time.perf_counter()
         raw = cache / "sampled"
-        generate_to(run, n_patients, raw, seed=0, progress=True)
+        generate_to(run, n_patients, raw, seed=0, progress=True, overwrite=True)  # a cache: replaced
         seconds = time.perf_counter() - start
         PatientCorpus.load(raw).with_split(seed=0).save(full)
         print(f"sampled {n_patients:,} patients in {seconds:.0f} s ({n_patients / seconds:,.0f} patients/s)")

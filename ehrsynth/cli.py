@@ -6,6 +6,7 @@ Every :class:`~ehrsynth.errors.EhrsynthError` becomes one line on stderr and exi
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,8 +28,34 @@ def _split(value: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def _overwrite_option(what: str):
+    return click.option("--overwrite", is_flag=True,
+                        help=f"Replace an existing {what} written by ehrsynth (nothing else is ever replaced).")
+
+
+def _finite_non_negative(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Option callback: refuse NaN, infinities and negative numbers, naming the flag."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _cuda_if_available(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Option callback: ``--device cuda`` on a machine without CUDA is a usage error, not a torch traceback."""
+    if value == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter("CUDA is not available on this machine; use --device cpu or auto")
+    return value
+
+
 class _Group(click.Group):
-    """Turns every project error into one line on stderr and exit code 2, whoever invokes the CLI."""
+    """Turns every project error into one line on stderr and exit code 2, whoever invokes the CLI.
+
+    Anything else is a bug: as a last resort it prints one line naming a log file that holds the traceback,
+    and exits 1 (never 2), so tests and ``benchmarks/fuzz_readers.py`` can count how often this net fires.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
@@ -36,6 +63,18 @@ class _Group(click.Group):
         except EhrsynthError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the safety net, see the class docstring
+            import tempfile
+            import traceback
+
+            fd, log = tempfile.mkstemp(prefix="ehrsynth-crash-", suffix=".log")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(traceback.format_exc())
+            click.echo(f"internal error ({type(exc).__name__}); please report it with the traceback in {log}",
+                       err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -76,14 +115,23 @@ def cli(threads: int | None) -> None:
 @click.option("--code-col", default=None, help="long: code column (default 'code').")
 @click.option("--time-col", default=None, help="long: optional event time column.")
 @click.option("--code-system", default=None, help="long: system prefix for codes that carry none, e.g. ICD10CM.")
-@click.option("--visit-window-hours", type=float, default=None,
+@click.option("--visit-window-hours", type=float, default=None, callback=_finite_non_negative,
               help="meds: merge events within this many hours into one visit (default: same timestamp).")
+@click.option("--date-format", default=None,
+              help="strftime pattern tried first on every date column, e.g. '%d/%m/%Y' (ISO and a documented "
+                   "set of common formats are recognised without it).")
+@_overwrite_option("corpus")
 def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup, max_visits, keep_visits,
             max_codes_per_visit, empty, split_fractions, seed, patient_col, visit_col, code_col, time_col,
-            code_system, visit_window_hours) -> None:
-    """Read a source into a corpus directory (with a seeded train/val/test split)."""
+            code_system, visit_window_hours, date_format, overwrite) -> None:
+    """Read a source into a corpus directory (with a seeded train/val/test split).
+
+    The corpus holds real patients, so it is private to you (0700/0600) whatever your umask."""
     from ehrsynth.data.build import BuildOptions
     from ehrsynth.data.readers import read_source
+    from ehrsynth.outputs import check_output
+
+    check_output(output, "corpus", flag="--output", overwrite=overwrite, inputs={"--input": input_path})
 
     options = BuildOptions(
         min_count=min_count,
@@ -99,8 +147,8 @@ def prepare(source, input_path, output, tables, min_count, systems, icd9_rollup,
     kwargs = {"tables": tuple(tables) or None, "patient": patient_col, "visit": visit_col, "code": code_col,
               "time": time_col, "code_system": code_system, "visit_window_hours": visit_window_hours}
     with _spinner(f"reading {source} from {input_path}"):
-        corpus = read_source(source, input_path, options=options, **kwargs)
-        corpus.save(output)
+        corpus = read_source(source, input_path, options=options, date_format=date_format, **kwargs)
+        corpus.save(output, private=True)
         from ehrsynth.evaluation.descriptions import code_descriptions, save_descriptions
 
         descriptions = code_descriptions(source, input_path)  # the report's code names, when the source has them
@@ -161,17 +209,20 @@ def format_description(summary: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override training.batch_size.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override training.lr.")
 @click.option("--seed", type=int, default=None, help="Override training.seed.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override training.device.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, callback=_cuda_if_available,
+              help="Override training.device.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1,
               help="Launch this many processes with torchrun (DDP) on this machine.")
 @click.option("--preset", type=click.Choice(["paper", "small"]), default="paper",
               help="Architecture preset: the paper's network, or a small one for CPUs and quick runs "
                    "(--config model options override it).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and exit.")
+@_overwrite_option("run directory")
 def train_command(model, data, out, config_file, resume, max_steps, max_epochs, batch_size, lr, seed, device,
-                  nproc, preset, dry_run) -> None:
+                  nproc, preset, dry_run, overwrite) -> None:
     """Train MODEL (halo or ehrdiff) on a corpus; the best model lands in OUT/model."""
-    from ehrsynth.pipeline import MODEL_PRESETS, read_config_file, train_model
+    from ehrsynth.outputs import check_output, remove_output
+    from ehrsynth.pipeline import MODEL_PRESETS, RUN_HINT, read_config_file, train_model
 
     sections = read_config_file(config_file)
     sections["model"] = {**MODEL_PRESETS[model][preset], **sections["model"]}
@@ -184,11 +235,16 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
         resolved = {**model_class(model).default_train_config(), **sections["training"]}
         click.echo(json.dumps({"model": sections["model"], "training": resolved}, indent=2))
         return
+    if int(os.environ.get("RANK", 0)) == 0:
+        check_output(out, "run", flag="--out", overwrite=overwrite or resume, hint=RUN_HINT,
+                     inputs={"--data": data, "--config": config_file})
     if nproc > 1:
+        if overwrite and not resume:
+            remove_output(out, "run")  # here, not in the ranks, so no rank deletes what another writes
         _relaunch_with_torchrun(nproc)
         return
     result = train_model(model, data, out, model_options=sections["model"], training_options=sections["training"],
-                         resume=resume, progress=True)
+                         resume=resume, overwrite=overwrite, progress=True)
     if int(os.environ.get("RANK", 0)) != 0:
         return  # under torchrun only rank 0 reports
     best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
@@ -228,21 +284,21 @@ def _relaunch_with_torchrun(nproc: int) -> None:
               help="Fix a static value, e.g. label:mortality=1 or sex=F (repeatable).")
 @click.option("--seed", type=int, default=0, help="Sampling seed: the same seed gives the same patients.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Patients sampled at once.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", callback=_cuda_if_available)
 @click.option("--condition-mode", type=click.Choice(["forced", "posterior"]), default=None,
               help="HALO: force the fixed static values (forced), or sample exactly given them (posterior).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="EHRDiff: Heun steps (default 32).")
-@click.option("--guidance", type=float, default=None,
+@click.option("--guidance", type=float, default=None, callback=_finite_non_negative,
               help="EHRDiff: classifier-free guidance scale for --condition (default 1).")
+@_overwrite_option("synthetic output")
 def generate(run, n, out, output_format, conditions, seed, batch_size, device, condition_mode, steps,
-             guidance) -> None:
+             guidance, overwrite) -> None:
     """Generate N synthetic patients from a trained RUN and write them to OUT."""
     from ehrsynth.pipeline import generate_sharded, parse_conditions
 
-    Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
     corpus = generate_sharded(run, n, out, output_format, seed=seed, conditions=parse_conditions(conditions),
                               batch_size=batch_size, progress=True, device=device, condition_mode=condition_mode,
-                              steps=steps, guidance=guidance)
+                              steps=steps, guidance=guidance, overwrite=overwrite)
     if corpus is None:
         return  # under torchrun, rank 0 reports
     summary = corpus.describe()
@@ -285,8 +341,9 @@ def perplexity_command(run, data, part) -> None:
 @click.option("--descriptions", "descriptions_path", type=click.Path(path_type=Path), default=None,
               help="descriptions.json (or a directory holding one) naming codes in the per-code tables; "
                    "default: the one `prepare` saved beside --train.")
+@_overwrite_option("report")
 def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir, out, seed, privacy_n, bootstrap,
-                     descriptions_path) -> None:
+                     descriptions_path, overwrite) -> None:
     """Measure structure, fidelity, utility and privacy against a noise ceiling; write metrics.json and a
     self-contained report.html."""
     from ehrsynth.evaluation.descriptions import load_descriptions
@@ -299,7 +356,7 @@ def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir
         descriptions = load_descriptions(descriptions_path if descriptions_path.is_dir() else descriptions_path.parent)
     report, rows = evaluate_to(train_dir, test_dir, synthetic, out, synthetic_source=synthetic_source,
                                model_dir=model_dir, seed=seed, privacy_n=privacy_n, bootstrap=bootstrap,
-                               descriptions=descriptions)
+                               descriptions=descriptions, overwrite=overwrite)
     click.echo(format_headline(rows))
     click.echo(f"report: {report}")
 
@@ -313,12 +370,14 @@ def format_headline(rows) -> str:
 @click.option("--model", "family", type=click.Choice(["halo", "ehrdiff"]), default="halo", help="Model to run.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ehrsynth-demo"), help="Output directory.")
 @click.option("--seed", type=int, default=0, help="Seed of the split, training, sampling and metrics.")
-def demo(family: str, out: Path, seed: int) -> None:
+@_overwrite_option("demo folder")
+def demo(family: str, out: Path, seed: int, overwrite: bool) -> None:
     """Run the whole path on the bundled demo data (OMOP GiBleed, 2,694 synthetic persons):
     prepare -> split -> train -> generate -> evaluate -> report."""
     from ehrsynth.pipeline import run_demo
 
-    report, rows = run_demo(family, out, seed=seed, progress=True, say=lambda line: click.echo(line, err=True))
+    report, rows = run_demo(family, out, seed=seed, progress=True, say=lambda line: click.echo(line, err=True),
+                            overwrite=overwrite)
     click.echo(format_headline(rows))
     click.echo(f"report: {report}")
 

@@ -9,6 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_MESSAGE_CHARS = 300  # a message is one line a user reads whole; longer ones are cut
+MAX_VALUE_CHARS = 80  # a bad value is shown as its repr, cut to this many characters
+
+
+def short(value: object) -> str:
+    """``repr(value)`` cut to :data:`MAX_VALUE_CHARS`, so a hostile 1 MB cell never floods a message."""
+    text = repr(value)
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
+
 
 class EhrsynthError(Exception):
     """Base class for every error the project raises on purpose."""
@@ -43,7 +52,11 @@ class InputError(EhrsynthError):
             where.append(f"column {column!r}")
         if row is not None:
             where.append(f"row {row}")
-        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        text = f"{', '.join(where)}: {message}" if where else message
+        text = " ".join(text.splitlines())  # one line, whatever a file or column name holds
+        if len(text) > MAX_MESSAGE_CHARS:
+            text = text[: MAX_MESSAGE_CHARS - 3] + "..."
+        super().__init__(text)
 
 
 class MissingFileError(InputError):
@@ -68,3 +81,8 @@ class ConfigError(EhrsynthError):
 
 class NotFittedError(EhrsynthError):
     """A model was asked to sample or score before it was trained or loaded."""
+
+
+class OutputError(ConfigError):
+    """An output path that would destroy something: a file or folder ehrsynth did not write, another kind of
+    ehrsynth output, an existing output without ``--overwrite``, or a path overlapping an input."""

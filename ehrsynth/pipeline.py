@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,15 @@ import torch
 from ehrsynth.data.corpus import PatientCorpus, concat_corpora
 from ehrsynth.data.stream import save_stream
 from ehrsynth.data.view import CorpusView
-from ehrsynth.errors import ConfigError, InputError
+from ehrsynth.errors import ConfigError, InputError, short
 from ehrsynth.models import model_class
 from ehrsynth.models.io import config_from_dict, load_model
+from ehrsynth.outputs import (check_output, make_staging, output_kind, remove_output, scratch_directory,
+                              staged_output, write_marker)
 from ehrsynth.training.loop import TrainConfig, TrainResult, train
 
 OUTPUT_FORMATS = ("corpus", "long", "meds", "omop")
+RUN_HINT = "pass --resume to continue it or --overwrite to start it again"
 
 
 def read_config_file(path: str | Path | None) -> dict[str, dict[str, Any]]:
@@ -64,19 +67,26 @@ def train_model(
     model_options: dict[str, Any] | None = None,
     training_options: dict[str, Any] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
     """Train a ``family`` model on the corpus's train part, validating on its val part.
 
     Model options override the family's defaults; training options override the family's paper defaults
     (``default_train_config``). On ``resume`` the run's own ``config.json`` wins, so the run continues with the
-    settings it started with.
+    settings it started with. An existing ``run_dir`` is refused unless it is an ehrsynth run and ``resume``
+    (continue it) or ``overwrite`` (delete it once the new run's settings are checked) is given.
 
     Raises:
         ConfigError: for an unknown family or option.
+        OutputError: for a ``run_dir`` that exists and is not to be continued or replaced.
     """
     cls = model_class(family)
     run_dir = Path(run_dir)
+    lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun the other ranks would race rank 0's writes
+    if lead:
+        check_output(run_dir, "run", flag="--out", overwrite=overwrite or resume, hint=RUN_HINT,
+                     inputs={"--data": corpus if isinstance(corpus, (str, Path)) else None})
     if isinstance(corpus, (str, Path)):
         corpus = PatientCorpus.load(corpus)
     model_options = dict(model_options or {})
@@ -95,11 +105,21 @@ def train_model(
     with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(train_config.seed)
         model = cls.from_corpus(train_part, config)
+    if lead:
+        # A run directory is trained in place (so a killed run can --resume), not staged: --overwrite deletes
+        # the old run only here, after the new settings are known to be valid. With --nproc the CLI deletes it
+        # before launching the ranks, so a rank never deletes what rank 0 is writing.
+        if overwrite and not resume and "RANK" not in os.environ and os.path.lexists(run_dir):
+            remove_output(run_dir, "run")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if output_kind(run_dir) != "run":
+            write_marker(run_dir, "run")
     return train(model, train_part, val_part, train_config, run_dir, resume=resume, progress=progress)
 
 
 def generate_sharded(run_dir: str | Path, n: int, out: str | Path, output_format: str = "corpus", *,
-                     seed: int = 0, progress: bool = True, **options: Any) -> PatientCorpus | None:
+                     seed: int = 0, progress: bool = True, overwrite: bool = False,
+                     **options: Any) -> PatientCorpus | None:
     """:func:`generate_to`, split over the processes of a ``torchrun`` launch (one process: no split).
 
     Rank r samples its contiguous share of the ``n`` patients (``numpy.array_split`` order) from its own seed,
@@ -111,11 +131,13 @@ def generate_sharded(run_dir: str | Path, n: int, out: str | Path, output_format
 
     world = dist.setup()
     if world.size == 1:
-        return generate_to(run_dir, n, out, output_format, seed=seed, progress=progress, **options)
+        return generate_to(run_dir, n, out, output_format, seed=seed, progress=progress, overwrite=overwrite,
+                           **options)
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"--format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
-    out = Path(out).resolve()
-    shards = out.parent / f".{out.name}.shards"
+    out = check_output(out, "synthetic", flag="--out", overwrite=overwrite, inputs={"RUN": run_dir})
+    # one staging folder for every rank: named after torchrun's agent, the parent of all local ranks
+    shards = make_staging(out.parent, "shards", pid=os.getppid(), name=out.name)
     share = np.array_split(np.arange(n), world.size)[world.rank]
     rank_seed = int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0])
     if len(share):
@@ -126,9 +148,9 @@ def generate_sharded(run_dir: str | Path, n: int, out: str | Path, output_format
     dist.barrier(world)
     result = None
     if world.rank == 0:
-        parts = (PatientCorpus.load(p) for p in sorted(shards.iterdir()))
+        parts = (PatientCorpus.load(p) for p in sorted(shards.glob("rank-*")))
         if output_format == "corpus":
-            result = save_stream(parts, out)
+            result = save_stream(parts, out, kind="synthetic")
         else:
             corpus = save_stream(parts, shards / "merged")
             write_output(corpus, out, output_format)
@@ -180,6 +202,10 @@ def generate_chunks(
         raise ConfigError(f"-n must be >= 1, got {n!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} requested but CUDA is not available on this machine")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"--guidance must be a finite number >= 0, got {guidance!r}")
     if device == "cuda":  # under torchrun each process takes its own GPU
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     model = load_model(run_dir, device=device)
@@ -208,25 +234,31 @@ def generate_corpus(run_dir: str | Path, n: int, **options: Any) -> PatientCorpu
     return concat_corpora(list(generate_chunks(run_dir, n, **options)))
 
 
-def generate_to(run_dir: str | Path, n: int, out: str | Path, output_format: str = "corpus",
-                **options: Any) -> PatientCorpus:
+def generate_to(run_dir: str | Path, n: int, out: str | Path, output_format: str = "corpus", *,
+                overwrite: bool = False, **options: Any) -> PatientCorpus:
     """Sample ``n`` patients straight to disk, chunk by chunk, and write them in ``output_format``.
 
     Generation holds one chunk in memory at a time: chunks are saved as they come and merged through
-    memory-mapped arrays. Other formats are then written from that memory-mapped corpus.
+    memory-mapped arrays. Other formats are then written from that memory-mapped corpus. ``out`` is checked
+    before any work (:func:`ehrsynth.outputs.check_output`); ``overwrite`` lets it replace an earlier
+    synthetic output.
 
     Returns:
         The generated corpus (memory-mapped).
+
+    Raises:
+        OutputError: for an ``out`` that exists (without ``overwrite``), is not ours, or overlaps ``run_dir``.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"--format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    out = check_output(out, "synthetic", flag="--out", overwrite=overwrite, inputs={"RUN": run_dir})
     chunks = generate_chunks(run_dir, n, **options)
     if output_format == "corpus":
-        return save_stream(chunks, out)
-    with tempfile.TemporaryDirectory(prefix=".ehrsynth-generate.", dir=Path(out).resolve().parent) as tmp:
-        corpus = save_stream(chunks, Path(tmp) / "corpus")
+        return save_stream(chunks, out, kind="synthetic")
+    with scratch_directory(out.parent, "synthetic") as tmp:
+        corpus = save_stream(chunks, tmp / "corpus", kind="synthetic")
         write_output(corpus, out, output_format)
-        return PatientCorpus.load(Path(tmp) / "corpus", mmap=False)
+        return PatientCorpus.load(tmp / "corpus", mmap=False)
 
 
 def write_output(corpus: PatientCorpus, out: str | Path, output_format: str) -> Path:
@@ -235,7 +267,7 @@ def write_output(corpus: PatientCorpus, out: str | Path, output_format: str) -> 
         raise ConfigError(f"--format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
     out = Path(out)
     if output_format == "corpus":
-        return corpus.save(out)
+        return corpus.save(out, kind="synthetic")
     from ehrsynth.data.writers import write_corpus
 
     return write_corpus(corpus, out, output_format)
@@ -274,11 +306,13 @@ def evaluate_to(
     privacy_n: int | None = 2000,
     bootstrap: int = 200,
     descriptions: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> tuple[Path, list]:
     """Evaluate ``synthetic`` against real ``train``/``test`` and write the report into ``out``.
 
-    ``descriptions`` (typed code -> name) label the per-code tables; by default the ``descriptions.json`` that
-    ``prepare`` saved beside a ``train`` corpus directory is used.
+    ``out`` is checked before any work: it may replace only an earlier report (with ``overwrite``) and never
+    overlap an input. ``descriptions`` (typed code -> name) label the per-code tables; by default the
+    ``descriptions.json`` that ``prepare`` saved beside a ``train`` corpus directory is used.
 
     Returns:
         The report path and the headline rows.
@@ -287,13 +321,19 @@ def evaluate_to(
     from ehrsynth.evaluation.descriptions import load_descriptions
     from ehrsynth.evaluation.report import evaluate, headline, write_report
 
+    paths = {flag: value if isinstance(value, (str, Path)) else None for flag, value in
+             (("--train", train), ("--test", test), ("--synthetic", synthetic), ("--model", model_dir))}
+    check_output(out, "report", flag="--out", overwrite=overwrite, inputs=paths)
+
     if descriptions is None and not isinstance(train, PatientCorpus):
         descriptions = load_descriptions(train)
+    synthetic_where = None if isinstance(synthetic, PatientCorpus) else synthetic
     train = train if isinstance(train, PatientCorpus) else load_corpus_part(train, "train")
     test = test if isinstance(test, PatientCorpus) else load_corpus_part(test, "test")
     if not isinstance(synthetic, PatientCorpus):
         synthetic = (PatientCorpus.load(synthetic) if synthetic_source == "corpus"
                      else read_source(synthetic_source, synthetic))
+    check_vocabulary_overlap(synthetic, train, where=synthetic_where)
     flattened = bool(synthetic.n_visits == synthetic.n_patients and train.n_visits > train.n_patients)
     if flattened:  # a patient-level generator (EHRDiff): compare it with patient-level real data
         train, test = train.flatten_visits(), test.flatten_visits()
@@ -310,6 +350,29 @@ def evaluate_to(
     metrics["_meta"]["real_flattened_to_one_visit"] = flattened
     report = write_report(metrics, train, synthetic, out, reference=test)
     return report, headline(metrics)
+
+
+MIN_SHARED_CODE_SHARE = 0.5  # evaluate refuses synthetic data with fewer of its codes known to the real data
+
+
+def check_vocabulary_overlap(synthetic: PatientCorpus, real: PatientCorpus, *, where: str | Path | None = None) -> None:
+    """Refuse to compare corpora that hardly share codes: every metric would be a meaningless normal-looking
+    number (a different code system, a missing ``SYSTEM/`` prefix, the wrong corpus).
+
+    Raises:
+        InputError: when fewer than :data:`MIN_SHARED_CODE_SHARE` of the synthetic data's distinct codes occur
+            in the real corpus.
+    """
+    used = [c for c, n in zip(synthetic.vocab.codes, synthetic.vocab.counts) if n > 0]
+    if not used:
+        raise InputError("the synthetic data holds no code", file=where)
+    known = set(real.vocab.codes)
+    shared = sum(c in known for c in used)
+    if shared < MIN_SHARED_CODE_SHARE * len(used):
+        example = short(next(c for c in used if c not in known))
+        raise InputError(f"only {shared} of the {len(used)} synthetic codes occur in the real training data "
+                         f"(at least {MIN_SHARED_CODE_SHARE:.0%} must; e.g. {example} is unknown): wrong corpus "
+                         "or code system?", file=where)
 
 
 # Architecture presets of ``ehrsynth train --preset``: the paper's networks, or small ones for CPUs.
@@ -334,24 +397,33 @@ DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: int = 0, max_steps: int | None = None,
-             progress: bool = True, say=print) -> tuple[Path, list]:
+             progress: bool = True, say=print, overwrite: bool = False) -> tuple[Path, list]:
     """prepare -> split -> train -> generate -> evaluate -> report, on the bundled OMOP GiBleed tables.
 
     Everything lands under ``out``: ``corpus/``, ``run/`` (model, checkpoint, metrics log), ``synthetic/`` and
-    ``report/``. A previous demo run in ``out`` is replaced. ``max_steps`` shortens training (for tests).
+    ``report/``, built in a staging folder and renamed into place at the end. A previous demo in ``out`` is
+    replaced only with ``overwrite``. ``max_steps`` shortens training (for tests).
 
     Returns:
         The report path and the headline rows.
     """
-    import shutil
-
-    from ehrsynth.data.build import BuildOptions
-    from ehrsynth.data.readers.omop import read_omop
     from ehrsynth.demo_data import demo_directory
 
     if family not in DEMO_SETTINGS:
         raise ConfigError(f"--model must be one of {', '.join(DEMO_SETTINGS)}, got {family!r}")
-    out = Path(out)
+    out = check_output(out, "demo", flag="--out", overwrite=overwrite, inputs={"demo data": demo_directory()})
+    with staged_output(out, "demo") as stage:
+        rows = _demo_steps(family, stage, seed=seed, max_steps=max_steps, progress=progress, say=say)
+    say("[5/5] report written")
+    return out / "report" / "report.html", rows
+
+
+def _demo_steps(family: str, out: Path, *, seed: int, max_steps: int | None, progress: bool, say) -> list:
+    """The demo's steps, written into ``out`` (run_demo's staging folder)."""
+    from ehrsynth.data.build import BuildOptions
+    from ehrsynth.data.readers.omop import read_omop
+    from ehrsynth.demo_data import demo_directory
+
     settings = DEMO_SETTINGS[family]
     if max_steps is not None:
         settings = {**settings, "training": {**settings["training"], "max_steps": max_steps}}
@@ -364,23 +436,20 @@ def run_demo(family: str = "halo", out: str | Path = "ehrsynth-demo", *, seed: i
     say(f"      {corpus.n_patients:,} patients, {corpus.n_visits:,} visits, {corpus.vocab_size} codes; "
         f"split {train_part.n_patients}/{corpus.part('val').n_patients}/{test_part.n_patients}")
     run = out / "run"
-    if run.exists():
-        shutil.rmtree(run)
     say(f"[2/5] training {family} (small config, {settings['training']['max_steps']} steps)")
     result = train_model(family, corpus, run, model_options=settings["model"],
                          training_options={**settings["training"], "seed": seed}, progress=progress)
     say(f"      best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else "")
     say(f"[3/5] generating {train_part.n_patients:,} synthetic patients")
     synthetic = generate_corpus(run, train_part.n_patients, seed=seed, progress=progress)
-    synthetic.save(out / "synthetic")
+    synthetic.save(out / "synthetic", kind="synthetic")
     say("[4/5] evaluating structure, fidelity, utility and privacy beside the noise ceiling")
     from ehrsynth.evaluation.descriptions import code_descriptions
 
-    report, rows = evaluate_to(train_part, test_part, synthetic, out / "report",
-                               model_dir=run if family == "halo" else None, seed=seed,
-                               descriptions=code_descriptions("omop", demo_directory()))
-    say("[5/5] report written")
-    return report, rows
+    _, rows = evaluate_to(train_part, test_part, synthetic, out / "report",
+                          model_dir=run if family == "halo" else None, seed=seed,
+                          descriptions=code_descriptions("omop", demo_directory()))
+    return rows
 
 
 __all__ = ["OUTPUT_FORMATS", "generate_chunks", "generate_corpus", "generate_to", "generate_sharded", "parse_conditions", "perplexity", "read_config_file",

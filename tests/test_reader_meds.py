@@ -103,7 +103,7 @@ def test_errors(tmp_path):
         read_meds(tmp_path / "empty")
     with pytest.raises(MissingFileError, match="not found"):
         read_meds(tmp_path / "absent")
-    with pytest.raises(ConfigError, match="visit_window_hours must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match=r"--visit-window-hours must be a number of hours in \[0, 1e\+06\], got -1"):
         read_meds(tmp_path / "bad.parquet", visit_window_hours=-1)
 
 

@@ -222,6 +222,10 @@ def build_corpus(
     roster = visits.group_by("patient_idx", maintain_order=True).agg(pl.col("patient").first(),
                                                                      pl.col("time").min().alias("first_time"))
     statics = _statics(roster, patients)
+    # A birth after the first visit (a typo'd year, swapped dates) gives a negative age: unknown, and counted.
+    negative_age = statics["age"] < 0
+    stats["negative_ages_dropped"] = int(negative_age.sum())
+    statics = statics.with_columns(pl.when(negative_age).then(float("nan")).otherwise(pl.col("age")).alias("age"))
     label_names = tuple(c[len(LABEL_PREFIX):] for c in statics.columns if c.startswith(LABEL_PREFIX))
     labels = (statics.select([pl.col(LABEL_PREFIX + n).fill_null(0).cast(pl.UInt8) for n in label_names])
               .to_numpy().astype(np.uint8).reshape(n_patients, len(label_names)))

@@ -13,9 +13,6 @@ Dense multi-hot arrays exist only per batch (:meth:`PatientCorpus.patient_multi_
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ import polars as pl
 
 from ehrsynth.data.vocab import Vocabulary
 from ehrsynth.errors import ConfigError, InputError, MissingFileError
+from ehrsynth.outputs import replace_directory, staged_output  # noqa: F401  (replace_directory: loop.py)
 
 FORMAT_NAME = "ehrsynth-corpus"
 FORMAT_VERSION = 2  # 2: patient ids in patient_ids.npy (memory-mapped); 1 kept them in patients.parquet
@@ -264,19 +262,21 @@ class PatientCorpus:
         }
 
     # ---- persistence -------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, *, kind: str = "corpus", private: bool = False) -> Path:
         """Write the corpus to ``directory`` (npy arrays + Parquet vocabulary + ``corpus.json``), atomically.
 
         Patient ids are a fixed-width string array (4 bytes x the longest id per patient), so they are
         memory-mapped on load like the other arrays.
 
-        The directory is written beside its target under a temporary name and renamed into place, so a killed
-        run never leaves a half-written corpus. An existing corpus there is replaced.
+        The directory is written beside its target under a staging name and renamed into place once, so a
+        killed run never leaves a half-written corpus. An existing ehrsynth output of the same ``kind`` there
+        is replaced; anything else is refused (see :mod:`ehrsynth.outputs`). ``private`` (real patients) makes
+        it 0700/0600 whatever the umask.
+
+        Raises:
+            OutputError: when ``directory`` holds something that is not ours to replace.
         """
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with staged_output(directory, kind, private=private) as staging:
             for name in ARRAY_NAMES:
                 np.save(staging / f"{name}.npy", np.ascontiguousarray(getattr(self, name)), allow_pickle=False)
             # fixed-width strings, so the identifiers are memory-mapped like every other array
@@ -293,11 +293,7 @@ class PatientCorpus:
                 "stats": self.stats,
             }
             (staging / "corpus.json").write_text(json.dumps(header, indent=2, default=_json_default))
-            replace_directory(staging, directory)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        return directory
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, *, mmap: bool = True) -> PatientCorpus:
@@ -358,17 +354,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def replace_directory(staging: Path, target: Path) -> None:
-    """Move a fully written ``staging`` directory to ``target``, replacing what was there."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{os.getpid()}")
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
 
 
 def random_split(n: int, fractions: tuple[float, float, float], *, seed: int) -> np.ndarray:

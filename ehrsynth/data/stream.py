@@ -7,43 +7,42 @@ so neither step holds the whole corpus in memory. The result appears atomically,
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from ehrsynth.data.corpus import ARRAY_NAMES, FORMAT_NAME, FORMAT_VERSION, PatientCorpus, replace_directory
+from ehrsynth.data.corpus import ARRAY_NAMES, FORMAT_NAME, FORMAT_VERSION, PatientCorpus
 from ehrsynth.errors import ConfigError
+from ehrsynth.outputs import absolute, scratch_directory, staged_output
 
 _OFFSETS = ("visit_offsets", "code_offsets")
 
 
-def save_stream(chunks: Iterable[PatientCorpus], directory: str | Path) -> PatientCorpus:
+def save_stream(chunks: Iterable[PatientCorpus], directory: str | Path, *, kind: str = "corpus",
+                private: bool = False) -> PatientCorpus:
     """Save every chunk of ``chunks`` as one corpus in ``directory`` and return it, memory-mapped.
+
+    ``kind`` and ``private`` are as in :meth:`PatientCorpus.save` (an existing output of another kind, or not
+    written by ehrsynth, is refused). The chunks wait in a scratch directory beside ``directory``, removed
+    whatever happens.
 
     Raises:
         ConfigError: when there is no chunk, or chunks disagree on vocabulary or labels.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        parts = [chunk.save(staging / "parts" / f"{i:06d}") for i, chunk in enumerate(chunks)]
+    directory = absolute(directory)
+    with scratch_directory(directory.parent, kind) as scratch:
+        parts = [chunk.save(scratch / f"{i:06d}") for i, chunk in enumerate(chunks)]
         if not parts:
             raise ConfigError("nothing to save: the stream had no chunk")
-        _merge(parts, staging / "merged")
-        replace_directory(staging / "merged", directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with staged_output(directory, kind, private=private) as staging:
+            _merge(parts, staging)
     return PatientCorpus.load(directory)
 
 
 def _merge(parts: list[Path], out: Path) -> None:
-    """Concatenate saved corpora into ``out``, one array at a time, through memory-mapped outputs."""
-    out.mkdir(parents=True)
+    """Concatenate saved corpora into the empty directory ``out``, one array at a time, through memory maps."""
     loaded = [PatientCorpus.load(p) for p in parts]
     first = loaded[0]
     for part in loaded[1:]:

@@ -16,7 +16,7 @@ from ehrsynth.evaluation.features import jsonable
 from ehrsynth.evaluation.figures import scatter_figure, structure_figure, utility_figure
 from ehrsynth.evaluation.suite import evaluate
 from ehrsynth.evaluation.verdict import checks
-from ehrsynth.models.io import atomic_write_text
+from ehrsynth.outputs import staged_output
 
 HEADLINES = (
     # (area, label, path into metrics, reading); the ceiling is the same path under "ceiling" (utility: TRTR)
@@ -202,7 +202,8 @@ def write_report(
     title: str = "ehrsynth evaluation",
     reference: PatientCorpus | None = None,
 ) -> Path:
-    """Write ``metrics.json`` and ``report.html`` into ``out_dir`` (each atomically); returns the HTML path.
+    """Write ``metrics.json`` and ``report.html`` as the directory ``out_dir``, in one rename; returns the HTML
+    path. An existing ``out_dir`` is replaced only when it is an ehrsynth report (see :mod:`ehrsynth.outputs`).
 
     ``reference`` (real holdout patients) adds the holdout bars to the structure plot. The scatter plots' key
     counts are added to ``metrics["figures"]`` so that metrics.json holds every number on the page.
@@ -210,19 +211,19 @@ def write_report(
     import jinja2
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
     figures = {"scatter": scatter_figure(metrics, train, synthetic, counts),
                "structure": structure_figure(train, synthetic, reference),
                "utility": utility_figure(metrics)}
     metrics["figures"] = {"scatter_keys": counts}
     metrics = jsonable(metrics)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     environment = jinja2.Environment(loader=jinja2.PackageLoader("ehrsynth.evaluation", "templates"),
                                      autoescape=True, undefined=jinja2.StrictUndefined)
     environment.filters["num"] = _num
     environment.filters["int_fmt"] = lambda v: f"{v:,}" if isinstance(v, int) else _num(v)
     environment.filters["css"] = lambda status: status if status in ("pass", "warn", "fail") else "na"
     page = environment.get_template("report.html.j2").render(**_context(metrics, figures, title))
-    atomic_write_text(out_dir / "report.html", page)
+    with staged_output(out_dir, "report") as staging:
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (staging / "report.html").write_text(page)
     return out_dir / "report.html"

@@ -12,6 +12,7 @@ from typing import Any
 
 from ehrsynth.data.build import BuildOptions
 from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.notes import reading
 from ehrsynth.errors import ConfigError
 
 SOURCES = {
@@ -36,8 +37,11 @@ def reader(source: str):
     return getattr(importlib.import_module(module), name)
 
 
-def read_source(source: str, path: str | Path, *, options: BuildOptions | None = None, **kwargs: Any) -> PatientCorpus:
+def read_source(source: str, path: str | Path, *, options: BuildOptions | None = None, date_format: str | None = None,
+                **kwargs: Any) -> PatientCorpus:
     """Read ``path`` with the reader of ``source``; ``kwargs`` the reader does not take are refused by name.
+
+    ``date_format`` (a strftime pattern) is tried first on every date column, see :mod:`ehrsynth.data.dates`.
 
     Raises:
         ConfigError: for an unknown source or an option the reader does not accept.
@@ -48,4 +52,5 @@ def read_source(source: str, path: str | Path, *, options: BuildOptions | None =
     refused = sorted(set(given) - accepted)
     if refused:
         raise ConfigError(f"--source {source} does not take option(s): {', '.join(refused)}")
-    return function(path, options=options, **given)
+    with reading(date_format=date_format):
+        return function(path, options=options, **given)

@@ -14,12 +14,16 @@ import polars as pl
 
 from ehrsynth.data.build import LABEL_PREFIX, BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.checks import check_birth_years, check_flag, check_not_negative
+from ehrsynth.data.dates import looks_like_dates
+from ehrsynth.data.notes import collects_notes
 from ehrsynth.data.tables import ROW, clean_code, parse_datetime, read_table, table_columns
-from ehrsynth.errors import ParseError
+from ehrsynth.errors import ConfigError, ParseError, short
 
 STATIC_COLUMNS = ("sex", "birth_year", "age_at_first_visit", "death")
 
 
+@collects_notes
 def read_long(
     path: str | Path,
     *,
@@ -48,6 +52,7 @@ def read_long(
         time = "time"  # the column the long writer emits: a written corpus reads back with its dates
     statics = [c for c in header_columns if c.lower() in STATIC_COLUMNS or c.lower().startswith(LABEL_PREFIX)]
     required = [patient, visit, code] + ([time] if time else [])
+    _check_distinct_columns(patient=patient, visit=visit, code=code, time=time)
     frame = read_table(path, required, optional=statics)
     patient, visit, code = patient.lower(), visit.lower(), code.lower()
     frame = frame.with_columns(clean_code(frame[code]).alias(code))
@@ -61,7 +66,7 @@ def read_long(
         )
     if time:
         event_time = parse_datetime(frame, time.lower(), path)
-    elif _looks_like_time(frame[visit]):
+    elif looks_like_dates(frame[visit]):
         event_time = parse_datetime(frame, visit, path)
     else:
         event_time = pl.Series("time", [None] * frame.height, dtype=pl.Datetime("us"))
@@ -74,7 +79,7 @@ def read_long(
         lowered = [c.lower() for c in statics]
         for column in lowered:
             if column != "sex":
-                _check_static(frame, column, path)
+                _check_static(frame, column, path, event_time)
         patients = frame.select(pl.col(patient).alias("patient"), *lowered).unique("patient", keep="first")
         patients = patients.rename({"age_at_first_visit": "age"} if "age_at_first_visit" in lowered else {})
         patients = patients.with_columns(
@@ -96,21 +101,41 @@ def _integral_ids(series: pl.Series) -> pl.Series:
     return numbers
 
 
-def _check_static(frame: pl.DataFrame, column: str, path: Path) -> None:
-    """Refuse a static value outside its domain (a label of 7, a NaN birth year) before it reaches the builder."""
-    value = frame[column].cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
-    given = frame[column].is_not_null() & (frame[column].cast(pl.String).str.strip_chars() != "")
+def _check_distinct_columns(**columns: str | None) -> None:
+    """Two roles given the same column (``--patient-col x --time-col x``) would silently read one column twice."""
+    seen: dict[str, str] = {}
+    for role, name in columns.items():
+        if name is None:
+            continue
+        if name.lower() in seen:
+            raise ConfigError(f"--{seen[name.lower()]}-col and --{role}-col both name column {name!r}; "
+                              "each role needs its own column")
+        seen[name.lower()] = role
+
+
+def _check_static(frame: pl.DataFrame, column: str, path: Path, event_time: pl.Series) -> None:
+    """Refuse a static value outside its domain (a label of 7, a NaN or year-0 birth year, a negative age)
+    before it reaches the builder."""
+    text = frame[column].cast(pl.String).str.strip_chars()
+    given = pl.select(pl.when(text == "").then(None).otherwise(text)).to_series()
     if column == "death" or column.startswith(LABEL_PREFIX):
-        valid, allowed = value.is_in([0.0, 1.0]), "0 or 1"
+        check_flag(given, frame[ROW], path, column)
     elif column == "birth_year":
-        valid, allowed = value.is_finite() & (value == value.floor()) & value.is_between(0, 9999), "a year"
+        year = given.cast(pl.Float64, strict=False)
+        bad = given.is_not_null() & ~(year.is_finite() & (year == year.floor())).fill_null(False)
+        if bad.any():
+            index = int(bad.arg_true()[0])
+            raise ParseError(f"expected a year, got {short(frame[column][index])}", file=path, column=column,
+                             row=int(frame[ROW][index]))
+        check_birth_years(given, frame[ROW], path, column, event_time)
     else:
-        valid, allowed = value.is_finite() & (value >= 0), "a non-negative number"
-    bad = given & ~valid.fill_null(False)
-    if bad.any():
-        index = int(bad.arg_true()[0])
-        raise ParseError(f"expected {allowed}, got {frame[column][index]!r}", file=path, column=column,
-                         row=int(frame[ROW][index]))
+        check_not_negative(given, frame[ROW], path, column)
+        value = given.cast(pl.Float64, strict=False)
+        bad = given.is_not_null() & ~value.is_finite().fill_null(False)
+        if bad.any():
+            index = int(bad.arg_true()[0])
+            raise ParseError(f"expected a non-negative number, got {short(frame[column][index])}", file=path,
+                             column=column, row=int(frame[ROW][index]))
 
 
 def _check_not_blank(frame: pl.DataFrame, column: str, path: Path) -> None:
@@ -120,14 +145,3 @@ def _check_not_blank(frame: pl.DataFrame, column: str, path: Path) -> None:
     if blank.any():
         row = int(frame[ROW][int(blank.arg_true()[0])])
         raise ParseError("blank identifier", file=path, column=column, row=row)
-
-
-def _looks_like_time(series: pl.Series) -> bool:
-    if series.dtype == pl.Date or isinstance(series.dtype, pl.Datetime):
-        return True
-    if series.dtype != pl.String:
-        return False
-    head = series.drop_nulls().head(1000)
-    if head.len() == 0 or not head.str.contains(r"^\d{4}-\d{2}-\d{2}").all():
-        return False
-    return True

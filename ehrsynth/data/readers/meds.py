@@ -21,12 +21,16 @@ import polars as pl
 
 from ehrsynth.data.build import LABEL_PREFIX, BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.checks import check_birth_years
+from ehrsynth.data.notes import collects_notes
 from ehrsynth.data.tables import ROW, clean_code, parse_datetime, parse_int, read_table
 from ehrsynth.errors import ConfigError, EmptyTableError, MissingFileError, ParseError
 
 BIRTH, DEATH, GENDER, LABEL = "MEDS_BIRTH", "MEDS_DEATH", "GENDER//", "LABEL//"
+MAX_VISIT_WINDOW_HOURS = 1e6  # about 114 years: anything longer is one visit anyway, and stays int64-safe
 
 
+@collects_notes
 def read_meds(
     path: str | Path,
     *,
@@ -52,8 +56,9 @@ def read_meds(
     Example:
         >>> corpus = read_meds("meds_root", visit_window_hours=24)  # doctest: +SKIP
     """
-    if visit_window_hours is not None and not visit_window_hours >= 0:
-        raise ConfigError(f"visit_window_hours must be >= 0, got {visit_window_hours!r}")
+    if visit_window_hours is not None and not 0 <= visit_window_hours <= MAX_VISIT_WINDOW_HOURS:
+        raise ConfigError(f"--visit-window-hours must be a number of hours in [0, {MAX_VISIT_WINDOW_HOURS:g}], "
+                          f"got {visit_window_hours!r}")
     path = Path(path)
     shards = _shards(path)
     frame = pl.concat([_read_shard(shard, i) for i, shard in enumerate(shards)], how="vertical_relaxed")
@@ -61,7 +66,12 @@ def read_meds(
         raise EmptyTableError("no row with a code", file=path)
     code = pl.col("code")
 
-    birth = frame.filter(code == BIRTH).group_by("patient").agg(pl.col("time").min().alias("birth_date"))
+    births = frame.filter(code == BIRTH)
+    for index, shard in enumerate(shards):
+        in_shard = births.filter(pl.col("shard") == index)
+        check_birth_years(in_shard["time"].dt.year(), in_shard[ROW], shard, "time",
+                          frame.filter(code != BIRTH)["time"])
+    birth = births.group_by("patient").agg(pl.col("time").min().alias("birth_date"))
     dead = frame.filter(code == DEATH).select("patient").unique()
     sex = frame.filter(code.str.starts_with(GENDER)).group_by("patient").agg(
         code.first().str.slice(len(GENDER)).alias("sex"))

@@ -16,12 +16,15 @@ import polars as pl
 
 from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.checks import check_birth_years, check_flag
+from ehrsynth.data.notes import collects_notes
 from ehrsynth.data.tables import clean_code, find_table, parse_datetime, parse_int, read_table
 from ehrsynth.errors import ConfigError
 
 MIMIC3_TABLES = ("diagnoses", "procedures", "prescriptions")
 
 
+@collects_notes
 def read_mimic3(
     directory: str | Path,
     *,
@@ -68,6 +71,9 @@ def read_admissions(directory: Path) -> pl.DataFrame:
     """MIMIC's admissions table (III and IV share it) as ``patient``, ``visit``, ``time`` and ``expired``."""
     path = find_table(directory, "admissions")
     admissions = read_table(path, ["subject_id", "hadm_id", "admittime"], ["hospital_expire_flag"])
+    if "hospital_expire_flag" in admissions.columns:
+        check_flag(parse_int(admissions, "hospital_expire_flag", path), admissions["_row"], path,
+                   "hospital_expire_flag")
     return admissions.select(
         parse_int(admissions, "subject_id", path).alias("patient"),
         parse_int(admissions, "hadm_id", path).alias("visit"),
@@ -109,7 +115,9 @@ def _patients(directory: Path, admissions: pl.DataFrame) -> pl.DataFrame:
     if "gender" in frame.columns:
         out = out.with_columns(frame["gender"].alias("sex"))
     if "dob" in frame.columns:
-        out = out.with_columns(parse_datetime(frame, "dob", path).alias("birth_date"))
+        dob = parse_datetime(frame, "dob", path)
+        check_birth_years(dob.dt.year(), frame["_row"], path, "dob", admissions["time"])
+        out = out.with_columns(dob.alias("birth_date"))
     expired = admissions.group_by("patient").agg(pl.col("expired").max())
     out = out.join(expired, on="patient", how="full", coalesce=True)
     return out.with_columns(

@@ -21,6 +21,8 @@ import polars as pl
 from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.data.readers.mimic3 import ndc_codes, read_admissions
+from ehrsynth.data.checks import check_birth_years, check_not_negative
+from ehrsynth.data.notes import collects_notes
 from ehrsynth.data.tables import ROW, clean_code, find_table, parse_int, read_table
 from ehrsynth.errors import ConfigError, ParseError
 
@@ -30,6 +32,7 @@ DIAGNOSIS_SYSTEMS = {9: "ICD9CM", 10: "ICD10CM"}
 PROCEDURE_SYSTEMS = {9: "ICD9PROC", 10: "ICD10PCS"}
 
 
+@collects_notes
 def read_mimic4(
     directory: str | Path,
     *,
@@ -126,7 +129,10 @@ def _patients(directory: Path, admissions: pl.DataFrame) -> pl.DataFrame:
     if "gender" in frame.columns:
         out = out.with_columns(frame["gender"].alias("sex"))
     if "anchor_age" in frame.columns and "anchor_year" in frame.columns:
-        birth_year = parse_int(frame, "anchor_year", path) - parse_int(frame, "anchor_age", path)
+        anchor_age = parse_int(frame, "anchor_age", path)
+        check_not_negative(anchor_age, frame[ROW], path, "anchor_age")
+        birth_year = parse_int(frame, "anchor_year", path) - anchor_age
+        check_birth_years(birth_year, frame[ROW], path, "anchor_year", admissions["time"])
         out = out.with_columns(birth_year.alias("birth_year"))
     expired = admissions.group_by("patient").agg(pl.col("expired").max())
     out = out.join(expired, on="patient", how="full", coalesce=True)

@@ -24,9 +24,11 @@ import polars as pl
 
 from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.checks import check_birth_years
+from ehrsynth.data.notes import collects_notes, optional_table_missing
 from ehrsynth.data.tables import clean_code, find_table, parse_datetime, parse_int, read_table
 from ehrsynth.data.vocab import KNOWN_SYSTEMS
-from ehrsynth.errors import ConfigError, EmptyTableError
+from ehrsynth.errors import ConfigError, EmptyTableError, InputError
 
 # table name -> (file, concept column, date column, datetime column, source value column)
 OMOP_TABLES = {
@@ -44,6 +46,7 @@ MALE_CONCEPT = 8507
 TYPED_CODE_PATTERN = rf"^(?:{'|'.join(KNOWN_SYSTEMS)})/\S"
 
 
+@collects_notes
 def read_omop(
     directory: str | Path,
     *,
@@ -112,7 +115,7 @@ def read_omop(
     if empty is not None and empty.height:
         events = pl.concat([events, empty], how="vertical")
 
-    patients = _patients(directory, person_path)
+    patients = _patients(directory, person_path, events["time"])
     corpus = build_corpus(events, patients, options, source="omop")
     corpus.stats["unmapped_concept_rows"] = unmapped
     corpus.stats["omop_visits"] = {"rows_dated_by_event": n_from_date, "visit_ids_without_visit_row": orphan_ids}
@@ -153,9 +156,14 @@ def _visit_rows(directory: Path) -> pl.DataFrame | None:
     """VISIT_OCCURRENCE as (visit_id, patient, visit_time), or None when the table is absent."""
     path = find_table(directory, "visit_occurrence", required=False)
     if path is None:
+        optional_table_missing("visit_occurrence", "not found")
         return None
-    frame = read_table(path, ["visit_occurrence_id", "person_id"], ["visit_start_date", "visit_start_datetime"],
-                       allow_empty=True)
+    try:
+        frame = read_table(path, ["visit_occurrence_id", "person_id"], ["visit_start_date", "visit_start_datetime"],
+                           allow_empty=True)
+    except InputError as exc:
+        optional_table_missing("visit_occurrence", f"unreadable ({exc.reason})")
+        return None
     start = pl.repeat(None, frame.height, dtype=pl.Datetime("us"), eager=True).alias("visit_time")
     for column in ("visit_start_date", "visit_start_datetime"):  # the datetime, when given, wins
         if column in frame.columns:
@@ -167,7 +175,7 @@ def _visit_rows(directory: Path) -> pl.DataFrame | None:
     }).unique("visit_id", keep="first", maintain_order=True)
 
 
-def _patients(directory: Path, path: Path) -> pl.DataFrame:
+def _patients(directory: Path, path: Path, event_times: pl.Series) -> pl.DataFrame:
     """PERSON (and DEATH) as (patient, sex, birth_year, birth_date, death)."""
     frame = read_table(path, ["person_id"], ["gender_concept_id", "gender_source_value", "year_of_birth",
                                              "month_of_birth", "day_of_birth"])
@@ -182,6 +190,7 @@ def _patients(directory: Path, path: Path) -> pl.DataFrame:
     out = out.with_columns(sex.alias("sex"))
     if "year_of_birth" in frame.columns:
         year = parse_int(frame, "year_of_birth", path)
+        check_birth_years(year, frame["_row"], path, "year_of_birth", event_times)
         out = out.with_columns(year.alias("birth_year"))
         if "month_of_birth" in frame.columns and "day_of_birth" in frame.columns:
             month, day = parse_int(frame, "month_of_birth", path), parse_int(frame, "day_of_birth", path)
@@ -190,9 +199,16 @@ def _patients(directory: Path, path: Path) -> pl.DataFrame:
             text = pl.select(pl.format("{}-{}-{}", *pad)).to_series()
             out = out.with_columns(text.str.to_datetime("%Y-%m-%d", strict=False, time_unit="us").alias("birth_date"))
     death_path = find_table(directory, "death", required=False)
+    deaths = None
     if death_path is None:
+        optional_table_missing("death", "not found")
+    else:
+        try:
+            deaths = read_table(death_path, ["person_id"], allow_empty=True)
+        except InputError as exc:
+            optional_table_missing("death", f"unreadable ({exc.reason})")
+    if deaths is None:
         return out.with_columns(pl.lit(None, dtype=pl.Int64).alias("death"))
-    deaths = read_table(death_path, ["person_id"], allow_empty=True)
     dead = parse_int(deaths, "person_id", death_path).unique().alias("patient")
     # Persons only in DEATH still count: the builder sees them as patients without codes.
     out = pl.concat([out, dead.to_frame()], how="diagonal_relaxed").unique("patient", keep="first",

@@ -19,6 +19,8 @@ import polars as pl
 
 from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.checks import check_birth_years
+from ehrsynth.data.notes import collects_notes
 from ehrsynth.data.tables import ROW, clean_code, find_table, parse_datetime, read_table
 from ehrsynth.errors import ConfigError
 
@@ -29,6 +31,7 @@ SYNTHEA_TABLES = {"conditions": "SNOMED", "medications": "RXNORM", "procedures":
 _TABLE_ORDER_STRIDE = 1 << 40
 
 
+@collects_notes
 def read_synthea(
     directory: str | Path,
     *,
@@ -90,7 +93,7 @@ def read_synthea(
     columns = ["patient", "visit", "time", "code", "order"]
     events = pl.concat([placed, loose.select(columns), empty.select(columns)], how="vertical")
 
-    corpus = build_corpus(events, _patients(directory), options, source="synthea")
+    corpus = build_corpus(events, _patients(directory, encounters["time"]), options, source="synthea")
     corpus.stats["missing_tables"] = len(missing)
     corpus.stats["missing_table_names"] = missing
     corpus.stats["events_without_encounter"] = loose.height + unplaceable.height
@@ -125,7 +128,7 @@ def _codes(path: Path, system: str, *, offset: int) -> pl.DataFrame:
     }).filter(pl.col("code").is_not_null())
 
 
-def _patients(directory: Path) -> pl.DataFrame:
+def _patients(directory: Path, event_times: pl.Series) -> pl.DataFrame:
     """Sex, birth date and death flag per patient."""
     path = find_table(directory, "patients")
     frame = read_table(path, ["id"], ["gender", "birthdate", "deathdate"])
@@ -133,7 +136,9 @@ def _patients(directory: Path) -> pl.DataFrame:
     if "gender" in frame.columns:
         out = out.with_columns(frame["gender"].alias("sex"))
     if "birthdate" in frame.columns:
-        out = out.with_columns(parse_datetime(frame, "birthdate", path).alias("birth_date"))
+        birth = parse_datetime(frame, "birthdate", path)
+        check_birth_years(birth.dt.year(), frame[ROW], path, "birthdate", event_times)
+        out = out.with_columns(birth.alias("birth_date"))
     if "deathdate" in frame.columns:
         # Parsed only to refuse garbage; a filled, valid DEATHDATE means the patient died.
         died = parse_datetime(frame, "deathdate", path).is_not_null().cast(pl.Int64)

@@ -39,8 +39,13 @@ def write_corpus(corpus: PatientCorpus, out_dir: str | Path, format: Literal["lo
     if format == "long":
         from ehrsynth.data.writers.long import LONG_SUFFIXES, write_long
 
-        path = out_dir if out_dir.name.lower().endswith(LONG_SUFFIXES) else out_dir / LONG_FILE_NAME
-        return _call(write_long, corpus, path, format, kwargs)
+        if out_dir.name.lower().endswith(LONG_SUFFIXES):
+            return _call(write_long, corpus, out_dir, format, kwargs)
+        from ehrsynth.outputs import staged_output
+
+        with staged_output(out_dir, "synthetic") as staging:  # the folder is the output: marked, atomic
+            _call(write_long, corpus, staging / LONG_FILE_NAME, format, kwargs)
+        return out_dir / LONG_FILE_NAME
     if format == "meds":
         from ehrsynth.data.writers.meds import write_meds
 

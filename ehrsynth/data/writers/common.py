@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from ehrsynth.data.corpus import PatientCorpus, replace_directory
+from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.errors import ConfigError
+from ehrsynth.outputs import staged_file, staged_output
 
 DEFAULT_ANCHOR = "2100-01-01"
 _DAYS_PER_YEAR = 365.25
@@ -66,11 +63,16 @@ def birth_year_start(birth_year: np.ndarray) -> np.ndarray:
 def visit_times(corpus: PatientCorpus, anchor_date: str = DEFAULT_ANCHOR) -> np.ndarray:
     """(V,) datetime64[us] visit times: the real start where known, else a plausible date from ``visit_days``.
 
-    Synthetic corpora have no dates (``visit_start`` is NaT) but do have ``visit_days``. Their first visit is
-    put at 1 January of the birth year plus ``age_at_first_visit`` years (365.25 days each) when both are known,
-    so a re-read gives back the age; otherwise at ``anchor_date``. Later visits follow at ``visit_days``; a
-    visit with no day offset takes the previous visit's day (1 s later, see below). Derived times are whole seconds, like
-    ``visit_start``, and distinct within a patient (ties move 1 s apart, so MEDS does not merge them).
+    Generated HALO records arrive dated (:mod:`ehrsynth.models.dates` draws their calendar from the training
+    data), so this fallback serves input that genuinely has no dates, e.g. EHRDiff output (one visit per
+    patient, no statics) or a corpus read without times. Such a first visit is put at 1 January of the birth
+    year plus ``age_at_first_visit`` years (365.25 days each) when both are known, so a re-read gives back the
+    age; otherwise at ``anchor_date`` (default 2100-01-01: plainly not a real date, as MIMIC's shifted years are
+    not, and the same for every such patient -- nothing about it is learnt from data). Later visits follow at
+    ``visit_days``; a visit with no day offset is put one day after the visit before it (the smallest gap
+    that reads as a separate dated visit in OMOP, whose visit_start_date is a date). Derived times are whole
+    seconds, like ``visit_start``, and distinct within a patient: visits whose offsets are equal move 1 s
+    apart, so MEDS does not merge them.
     """
     anchor = parse_anchor(anchor_date).astype("datetime64[us]")
     known = np.asarray(corpus.visit_start).astype("datetime64[s]").astype("datetime64[us]")
@@ -80,12 +82,12 @@ def visit_times(corpus: PatientCorpus, anchor_date: str = DEFAULT_ANCHOR) -> np.
     from_birth = born + np.round(age_seconds).astype(np.int64).astype("timedelta64[s]").astype("timedelta64[us]")
     first = np.where(np.isnat(born) | ~np.isfinite(age), anchor, from_birth)  # (P,)
     days = np.array(corpus.visit_days, dtype=np.float64)
-    # An unknown day takes its predecessor's (a patient's first visit is day 0), so no visit is lost; the tie
-    # rule below then keeps such visits 1 s apart and in corpus order.
+    # An unknown day is one day after its predecessor (a patient's first visit is day 0), so no visit is lost.
     first_visits = np.asarray(corpus.visit_offsets[:-1])[corpus.visits_per_patient() > 0]
     days[first_visits] = np.where(np.isfinite(days[first_visits]), days[first_visits], 0.0)
-    last_known = np.maximum.accumulate(np.where(np.isfinite(days), np.arange(len(days)), 0))
-    days = days[last_known] if len(days) else days
+    position = np.arange(len(days))
+    last_known = np.maximum.accumulate(np.where(np.isfinite(days), position, 0))
+    days = days[last_known] + (position - last_known) if len(days) else days
     offset = np.round(np.where(np.isfinite(days), days, 0.0) * 86_400).astype(np.int64).astype("timedelta64[s]")
     derived = np.where(np.isfinite(days), first[corpus.visit_patient()] + offset, np.datetime64("NaT", "us"))
     # Visits of one patient on the same derived time would merge in time-keyed formats (MEDS): a tie moves
@@ -130,40 +132,16 @@ def code_systems(code: pl.Expr) -> pl.Expr:
     return code.str.split_exact("/", 1).struct.field("field_0")
 
 
-@contextlib.contextmanager
-def staging_directory(target: str | Path) -> Iterator[Path]:
-    """Yield an empty directory beside ``target``; on success it replaces ``target``, on error it is removed.
+def staging_directory(target: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """An empty directory beside ``target``; on success it replaces ``target``, on error it is removed.
 
-    So a writer that fails half way leaves neither a partial ``target`` nor its staging directory behind.
+    So a writer that fails half way leaves neither a partial ``target`` nor its staging directory behind, and
+    an existing ``target`` is replaced only when ehrsynth wrote it (see :mod:`ehrsynth.outputs`).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        replace_directory(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    return staged_output(target, "synthetic")
 
 
-@contextlib.contextmanager
-def staging_file(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it is renamed to ``target``, on error removed
-    (with the folders this call had to create for it)."""
-    target = Path(target)
-    created = next((p for p in reversed(target.parents) if not p.exists()), None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(handle)
-    staging = Path(name)
-    done = False
-    try:
-        yield staging
-        os.replace(staging, target)
-        done = True
-    finally:
-        if staging.exists():
-            staging.unlink()
-        if not done and created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+def staging_file(target: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """A temporary path beside ``target``; on success it is renamed to ``target``, on error removed (with the
+    folders this call had to create for it)."""
+    return staged_file(target, "synthetic")

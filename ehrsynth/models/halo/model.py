@@ -29,6 +29,8 @@ from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
+from ehrsynth.models.dates import date_chunks, date_generated
+from ehrsynth.models.dates import fit as fit_dates
 from ehrsynth.models.halo.config import HaloConfig
 from ehrsynth.models.halo.encoding import ColumnLayout, bin_values, dense_rows, encode_records, input_rows
 from ehrsynth.models.halo.likelihood import LikelihoodResult, log_likelihood
@@ -94,6 +96,7 @@ class HaloModel(GenerativeModel):
             max_visits=config.max_visits,
             patients_truncated=int((over > 0).sum()),
             visits_truncated=int(over.sum()),
+            dates=fit_dates(view, config.gap_bin_edges, config.age_bucket_edges).to_dict(),
         )
         return cls(config, meta)
 
@@ -245,14 +248,15 @@ class HaloModel(GenerativeModel):
 
         Returns:
             A corpus with visit_days from the gap bins, sex/age/labels from the static row, the training
-            vocabulary (counts = generated visit counts), split all train, visit_start NaT.
+            vocabulary (counts = generated visit counts), split all train; days, dates, ages and birth years
+            drawn by :mod:`ehrsynth.models.dates` (visit_start NaT for a model saved without a date model).
         """
         from ehrsynth.models.halo.sampling import sample
 
         corpus = sample(self, n, generator=torch.Generator().manual_seed(_seed(seed)), conditions=conditions,
                         condition=condition, batch_size=batch_size, progress=progress)
         corpus.stats["seed"] = int(seed)
-        return corpus
+        return date_generated(self.meta.extra, corpus, seed=seed)
 
     def iter_generate(
         self,
@@ -269,9 +273,9 @@ class HaloModel(GenerativeModel):
         ids continue across chunks and the patients are the same as :meth:`generate`'s."""
         from ehrsynth.models.halo.sampling import sample_stream
 
-        for corpus in sample_stream(self, n, generator=torch.Generator().manual_seed(_seed(seed)),
-                                    conditions=conditions, condition=condition, batch_size=batch_size,
-                                    chunk_size=chunk_size, progress=progress):
+        for corpus in date_chunks(self.meta.extra, sample_stream(
+                self, n, generator=torch.Generator().manual_seed(_seed(seed)), conditions=conditions,
+                condition=condition, batch_size=batch_size, chunk_size=chunk_size, progress=progress), seed=seed):
             corpus.stats["seed"] = int(seed)
             yield corpus
 

@@ -1,0 +1,230 @@
+"""Quality benchmark (issue 11): every fidelity and structure metric of each generator beside the noise ceiling
+of its data set -- the same metric for the real held-out patients against the real training patients.
+
+    python benchmarks/bench_quality.py                                   # everything (hours on 2 CPU cores)
+    python benchmarks/bench_quality.py --datasets mimic3 --variants halo --seeds 0 --train max_steps=200
+    python benchmarks/bench_quality.py --variants halo halo:fine_hidden=256 ehrdiff --json out.json
+
+Per data set (GiBleed OMOP conditions, MIMIC-IV demo diagnoses, MIMIC-III demo diagnoses, Synthea-111
+conditions; histories capped at the last 45 visits, HALO's default window): a seeded patient split
+(``--split-seed``), then for every variant and training seed: train with the family's default training
+(``--train KEY=VALUE`` overrides it, e.g. ``max_steps=200`` for a quick run) on the ``--preset`` architecture,
+generate as many patients as the training part, and score the synthetic patients against the training part.
+
+A variant is ``family[:key=value,...]``: model config overrides parsed as JSON where they parse (``halo``,
+``halo:fine_hidden=256``, ``ehrdiff``). EHRDiff generates one flattened visit per patient, so it is scored
+against the flattened real data, beside a flattened ceiling.
+
+Metrics: HALO's five R^2 and the Pearson r beside each (R^2 is not scale-free), prevalence Pearson r and NZC,
+detection AUROC, TSTR and TRTR (logistic, mean AUROC), and the structure of the records -- shares of empty
+visits, undated visits and records with unknown sex, and the total-variation distance between the histograms
+of codes per visit, visits per patient and log2(1 + gap days) (whole bins). Training and sampling time. Each
+cell is the mean +- standard deviation over the seeds. Only aggregates are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ehrsynth.data.build import BuildOptions
+from ehrsynth.data.corpus import PatientCorpus
+from ehrsynth.data.readers.mimic3 import read_mimic3
+from ehrsynth.data.readers.mimic4 import read_mimic4
+from ehrsynth.data.readers.omop import read_omop
+from ehrsynth.data.readers.synthea import read_synthea
+from ehrsynth.evaluation import fidelity, utility
+from ehrsynth.pipeline import MODEL_PRESETS, generate_corpus, train_model
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data")
+MAX_VISITS = 45
+DATASETS: dict[str, Callable[[BuildOptions], PatientCorpus]] = {
+    "gibleed": lambda o: read_omop(DATA / "omop-gibleed", options=o),
+    "mimic4": lambda o: read_mimic4(DATA / "mimic-iv-demo" / "hosp", tables=("diagnoses",), options=o),
+    "mimic3": lambda o: read_mimic3(DATA / "mimic-iii-demo", tables=("diagnoses",), options=o),
+    "synthea": lambda o: read_synthea(DATA / "synthea-111", tables=("conditions",), options=o),
+}
+HALO_STATISTICS = fidelity.HALO_STATISTICS
+
+
+# ---- structure, computed here -------------------------------------------------------------------------------
+def record_structure_shares(corpus: PatientCorpus) -> dict[str, float]:
+    """Shares of empty visits, of undated visits (unknown day offset) and of records with unknown sex."""
+    n_visits = max(corpus.n_visits, 1)
+    return {
+        "empty visit share": float((corpus.codes_per_visit() == 0).sum() / n_visits),
+        "undated visit share": float(np.isnan(np.asarray(corpus.visit_days, dtype=np.float64)).sum() / n_visits),
+        "unknown sex share": float((np.asarray(corpus.sex) < 0).mean()) if corpus.n_patients else 0.0,
+    }
+
+
+def total_variation(a: np.ndarray, b: np.ndarray) -> float:
+    """Total-variation distance between the histograms of two integer samples (NaN when either is empty)."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    low = min(a.min(), b.min())
+    size = max(a.max(), b.max()) - low + 1
+    p = np.bincount(a - low, minlength=size) / len(a)
+    q = np.bincount(b - low, minlength=size) / len(b)
+    return float(0.5 * np.abs(p - q).sum())
+
+
+def record_structure_distances(real: PatientCorpus, other: PatientCorpus) -> dict[str, float]:
+    """TV distances of the codes-per-visit, visits-per-patient and log2(1 + gap days) histograms."""
+    def log_gaps(corpus: PatientCorpus) -> np.ndarray:
+        return np.floor(np.log2(1.0 + np.maximum(fidelity._gaps(corpus), 0.0)))
+
+    return {
+        "TV codes per visit": total_variation(real.codes_per_visit(), other.codes_per_visit()),
+        "TV visits per patient": total_variation(real.visits_per_patient(), other.visits_per_patient()),
+        "TV log2 gap days": total_variation(log_gaps(real), log_gaps(other)),
+    }
+
+
+def halo_pearson(real: PatientCorpus, other: PatientCorpus) -> dict[str, float]:
+    """Pearson r of each of HALO's statistics (the values :func:`fidelity.halo_fidelity` takes R^2 of)."""
+    out = {}
+    for name, (x, y) in fidelity.halo_statistics(real, other).items():
+        ok = len(x) >= 2 and np.std(x) > 0 and np.std(y) > 0
+        out[f"{name} r"] = float(np.corrcoef(x, y)[0, 1]) if ok else float("nan")
+    return out
+
+
+# ---- one comparison -----------------------------------------------------------------------------------------
+def score(train: PatientCorpus, other: PatientCorpus, *, seed: int) -> dict[str, float]:
+    """Every fidelity and structure metric of ``other`` against ``train`` (either synthetic or the holdout)."""
+    halo = fidelity.halo_fidelity(train, other)
+    prevalence = fidelity.prevalence_fidelity(train, other)
+    out = {f"{name} R2": float(getattr(halo, f"{name}_r2")) for name in HALO_STATISTICS}
+    out.update(halo_pearson(train, other))
+    out.update({"prevalence r": prevalence.pearson, "NZC": float(prevalence.nzc_synthetic),
+                "NZC train": float(prevalence.nzc_real)})
+    out.update(record_structure_shares(other))
+    out.update(record_structure_distances(train, other))
+    out["detection AUROC"] = fidelity.detection_auroc(train, other, seed=seed).auroc
+    return out
+
+
+def tstr(train: PatientCorpus, test: PatientCorpus, synthetic: PatientCorpus, *, seed: int) -> dict[str, float]:
+    result = utility.downstream_utility(train, test, synthetic, models=("logistic",), seed=seed)
+    return {"TSTR AUROC": result.mean_auroc.get("tstr.logistic", float("nan")),
+            "TRTR AUROC": result.mean_auroc.get("trtr.logistic", float("nan"))}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``'halo:fine_hidden=256,dropout=0.1'`` -> ("halo", {"fine_hidden": 256, "dropout": 0.1})."""
+    family, _, rest = text.partition(":")
+    return family, parse_pairs(rest.split(",") if rest else [])
+
+
+def parse_pairs(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_variant(corpus: PatientCorpus, variant: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    family, overrides = parse_variant(variant)
+    train, test = corpus.part("train"), corpus.part("test")
+    with tempfile.TemporaryDirectory(prefix="bench-quality.") as tmp:
+        start = time.perf_counter()
+        train_model(family, corpus, Path(tmp) / "run", model_options={**MODEL_PRESETS[family][args.preset],
+                                                                       **overrides},
+                    training_options={**parse_pairs(args.train), "seed": seed}, progress=False)
+        trained = time.perf_counter() - start
+        start = time.perf_counter()
+        synthetic = generate_corpus(Path(tmp) / "run", train.n_patients, seed=seed, progress=False)
+        sampled = time.perf_counter() - start
+    real = train if family == "halo" else train.flatten_visits()
+    out = score(real, synthetic, seed=seed)
+    out.update(tstr(train, test, synthetic, seed=seed))
+    out.update({"train s": trained, "sample s": sampled, "patients/s": train.n_patients / max(sampled, 1e-9)})
+    return out
+
+
+# ---- table --------------------------------------------------------------------------------------------------
+def cell(values: list[float], name: str = "") -> str:
+    """Mean +- standard deviation over the seeds (counts and large values without decimals, times with one)."""
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    digits = 0 if name.startswith("NZC") or abs(mean) >= 100 else 1 if name.endswith(" s") else 3
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def print_table(results: dict[str, dict[str, Any]], variants: list[str]) -> None:
+    flat = any(parse_variant(v)[0] != "halo" for v in variants)
+    header = ["data set", "metric", "holdout ceiling"] + (["ceiling, flattened"] if flat else []) + variants
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for dataset, result in results.items():
+        names = list(dict.fromkeys(k for runs in result["runs"].values() for run in runs for k in run))
+        for name in names:
+            row = [dataset, name, cell([result["ceiling"].get(name)], name)]
+            row += [cell([result["ceiling_flat"].get(name)], name)] if flat else []
+            row += [cell([run.get(name) for run in result["runs"][v]], name) for v in variants]
+            print("| " + " | ".join(row) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", default=["halo", "ehrdiff"],
+                        help="family[:key=value,...] model config overrides (values parsed as JSON)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training and sampling seeds")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--preset", default="small", choices=["small", "paper"])
+    parser.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="training overrides (TrainConfig fields), e.g. max_steps=200")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write every per-seed figure here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", UserWarning)
+    results: dict[str, dict[str, Any]] = {}
+    for dataset in args.datasets:
+        corpus = DATASETS[dataset](BuildOptions(max_visits=MAX_VISITS, seed=args.split_seed))
+        train, test = corpus.part("train"), corpus.part("test")
+        print(f"[{dataset}] {train.n_patients} train / {test.n_patients} test patients", flush=True)
+        result = {"ceiling": score(train, test, seed=args.split_seed),
+                  "ceiling_flat": score(train.flatten_visits(), test.flatten_visits(), seed=args.split_seed),
+                  "runs": {}}
+        for variant in args.variants:
+            result["runs"][variant] = []
+            for seed in args.seeds:
+                run = run_variant(corpus, variant, seed, args)
+                result["runs"][variant].append(run)
+                print(f"  {variant} seed {seed}: train {run['train s']:.0f} s, detection AUROC "
+                      f"{run['detection AUROC']:.3f}", flush=True)
+        results[dataset] = result
+    print()
+    print_table(results, args.variants)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
