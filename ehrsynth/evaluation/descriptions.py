@@ -9,6 +9,7 @@ error: descriptions are optional. The mapping can be saved beside a corpus (``de
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -65,9 +66,13 @@ def _icd(directory: Path, table: str, key: str, system9: str, system10: str | No
 
 
 def save_descriptions(directory: str | Path, descriptions: dict[str, str]) -> Path:
-    """Write ``descriptions.json`` into ``directory`` (atomically), e.g. beside a saved corpus."""
+    """Write ``descriptions.json`` into ``directory`` (atomically), e.g. beside a saved corpus, with the
+    permissions of the corpus's own ``corpus.json`` when there is one (a private corpus stays private)."""
     target = Path(directory) / FILE_NAME
     atomic_write_text(target, json.dumps(dict(sorted(descriptions.items())), indent=0))
+    header = Path(directory) / "corpus.json"
+    if header.is_file():
+        os.chmod(target, header.stat().st_mode & 0o777)
     return target
 
 

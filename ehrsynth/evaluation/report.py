@@ -193,6 +193,17 @@ def _privacy_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _figures(metrics: dict[str, Any], train: PatientCorpus, synthetic: PatientCorpus,
+             reference: PatientCorpus | None = None) -> dict[str, Any]:
+    """The page's plots by key; records the scatter plots' key counts in ``metrics["figures"]``."""
+    counts: dict[str, dict[str, int]] = {}
+    figures = {"scatter": scatter_figure(metrics, train, synthetic, counts),
+               "structure": structure_figure(train, synthetic, reference),
+               "utility": utility_figure(metrics)}
+    metrics["figures"] = {"scatter_keys": counts}
+    return {key: figure for key, figure in figures.items() if figure is not None}
+
+
 def write_report(
     metrics: dict[str, Any],
     train: PatientCorpus,
@@ -211,11 +222,7 @@ def write_report(
     import jinja2
 
     out_dir = Path(out_dir)
-    counts: dict[str, dict[str, int]] = {}
-    figures = {"scatter": scatter_figure(metrics, train, synthetic, counts),
-               "structure": structure_figure(train, synthetic, reference),
-               "utility": utility_figure(metrics)}
-    metrics["figures"] = {"scatter_keys": counts}
+    figures = _figures(metrics, train, synthetic, reference)
     metrics = jsonable(metrics)
     environment = jinja2.Environment(loader=jinja2.PackageLoader("ehrsynth.evaluation", "templates"),
                                      autoescape=True, undefined=jinja2.StrictUndefined)
