@@ -8,6 +8,9 @@ metric has to align the two. Two labels derive from the topic.
 
     python benchmarks/bench_metrics.py                # 10,000 patients, 2,000 codes
     python benchmarks/bench_metrics.py --patients 2000
+
+It then times the whole ``evaluate`` (every metric twice, for the synthetic data and for its noise ceiling,
+plus bootstrap intervals, clinical checks and the per-code view) and ``write_report``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ import polars as pl
 
 from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.data.corpus import PatientCorpus
-from ehrsynth.evaluation import fidelity, privacy, utility
+from ehrsynth.evaluation import fidelity, privacy, structure, utility
+from ehrsynth.evaluation.bootstrap import bootstrap_intervals
+from ehrsynth.evaluation.clinical import clinical_validity
+from ehrsynth.evaluation.per_code import per_code_view
+from ehrsynth.evaluation.report import evaluate, write_report
 
 
 def random_corpus(n_patients: int, *, n_codes: int = 2000, n_topics: int = 20, seed: int = 0,
@@ -74,6 +81,9 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=10_000, help="patients per set (train, holdout, synthetic)")
     parser.add_argument("--codes", type=int, default=2000, help="codes in the random vocabulary")
     parser.add_argument("--seed", type=int, default=0, help="seed of the corpora")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates of the intervals")
+    parser.add_argument("--report", default=None, help="also write the report into this directory")
+    parser.add_argument("--only-evaluate", action="store_true", help="skip the per-metric timings")
     args = parser.parse_args()
 
     real = random_corpus(2 * args.patients, n_codes=args.codes, seed=args.seed)
@@ -91,7 +101,7 @@ def main() -> None:
         ("fidelity.prevalence", lambda: fidelity.prevalence_fidelity(train, synthetic)),
         ("fidelity.cmd (top 100)", lambda: fidelity.correlation_matrix_distance(train, synthetic)),
         ("fidelity.mmd (n 1000)", lambda: fidelity.maximum_mean_discrepancy(train, synthetic)),
-        ("fidelity.structure", lambda: fidelity.structure_fidelity(train, synthetic)),
+        ("fidelity.structure", lambda: structure.structure_fidelity(train, synthetic)),
         ("fidelity.detection (5 folds)", lambda: fidelity.detection_auroc(train, synthetic)),
         ("utility.tstr labels, logistic", lambda: utility.downstream_utility(train, holdout, synthetic,
                                                                               models=("logistic",))),
@@ -104,19 +114,45 @@ def main() -> None:
         ("privacy.nnaa", lambda: privacy.nearest_neighbour_adversarial_accuracy(train, holdout, synthetic)),
         ("privacy.dcr", lambda: privacy.distance_to_closest_record(train, holdout, synthetic)),
         ("privacy.exact_copies", lambda: privacy.exact_copies(train, holdout, synthetic)),
+        (f"intervals ({args.bootstrap} replicates)", lambda: _Dict(bootstrap_intervals(
+            train, synthetic, replicates=args.bootstrap))),
+        ("clinical.validity", lambda: clinical_validity(train, synthetic, holdout)),
+        ("per_code", lambda: _Dict(per_code_view(train, synthetic))),
     ]
     print(f"train {train.n_patients:,} / holdout {holdout.n_patients:,} / synthetic {synthetic.n_patients:,} "
           f"patients; {train.n_visits:,} train visits, {train.n_codes:,} code occurrences, "
           f"{len(set(train.vocab.codes) | set(synthetic.vocab.codes)):,} codes")
     print(f"{'metric':36s} {'seconds':>8s}  headline")
     total = 0.0
-    for name, job in jobs:
+    for name, job in [] if args.only_evaluate else jobs:
         start = time.perf_counter()
         result = job()
         elapsed = time.perf_counter() - start
         total += elapsed
         print(f"{name:36s} {elapsed:8.2f}  {_headline(result.as_dict())}")
     print(f"{'total':36s} {total:8.2f}")
+
+    start, cpu = time.perf_counter(), time.process_time()
+    metrics = evaluate(train, holdout, synthetic, bootstrap=args.bootstrap)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    verdict = ", ".join(f"{area} {v['status']}" for area, v in metrics["verdict"].items())
+    print(f"{'evaluate (all, with ceiling + intervals)':36s} {elapsed:8.2f}  CPU {cpu:.1f} s (all threads); {verdict}")
+    slowest = sorted(metrics["_meta"]["seconds"].items(), key=lambda kv: -kv[1])[:6]
+    print("  slowest parts: " + ", ".join(f"{k} {v:.1f}" for k, v in slowest))
+    if args.report:
+        start = time.perf_counter()
+        page = write_report(metrics, train, synthetic, args.report, reference=holdout)
+        print(f"{'write_report':36s} {time.perf_counter() - start:8.2f}  {page.stat().st_size / 1e6:.2f} MB")
+
+
+class _Dict:
+    """A plain dict result, shown like a metric result."""
+
+    def __init__(self, values: dict) -> None:
+        self.values = values
+
+    def as_dict(self) -> dict:
+        return {k: (vars(v) if hasattr(v, "__dict__") else v) for k, v in self.values.items()}
 
 
 def _headline(values: dict) -> str:

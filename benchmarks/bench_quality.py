@@ -44,6 +44,7 @@ from ehrsynth.data.readers.mimic4 import read_mimic4
 from ehrsynth.data.readers.omop import read_omop
 from ehrsynth.data.readers.synthea import read_synthea
 from ehrsynth.evaluation import fidelity, utility
+from ehrsynth.evaluation.structure import visit_gaps
 from ehrsynth.pipeline import MODEL_PRESETS, generate_corpus, train_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -85,7 +86,7 @@ def total_variation(a: np.ndarray, b: np.ndarray) -> float:
 def record_structure_distances(real: PatientCorpus, other: PatientCorpus) -> dict[str, float]:
     """TV distances of the codes-per-visit, visits-per-patient and log2(1 + gap days) histograms."""
     def log_gaps(corpus: PatientCorpus) -> np.ndarray:
-        return np.floor(np.log2(1.0 + np.maximum(fidelity._gaps(corpus), 0.0)))
+        return np.floor(np.log2(1.0 + np.maximum(visit_gaps(corpus), 0.0)))
 
     return {
         "TV codes per visit": total_variation(real.codes_per_visit(), other.codes_per_visit()),

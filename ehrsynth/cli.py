@@ -157,6 +157,11 @@ def prepare(source, input_path, output, tables, min_count, profile, min_patients
         corpus = read_source(source, input_path, options=options, date_format=date_format, **kwargs)
         corpus.stats["profile"] = profile
         corpus.save(output, private=True)
+        from ehrsynth.evaluation.descriptions import code_descriptions, save_descriptions
+
+        descriptions = code_descriptions(source, input_path)  # the report's code names, when the source has them
+        if descriptions:
+            save_descriptions(output, descriptions)
     summary = corpus.describe()
     click.echo(f"wrote {output}: {summary['patients']} patients, {summary['visits']} visits, "
                f"{summary['code_occurrences']} codes, vocabulary {summary['vocabulary_size']}")
@@ -389,20 +394,33 @@ def perplexity_command(run, data, part) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report directory.")
 @click.option("--seed", type=int, default=0, help="Seed of every sampled metric.")
 @click.option("--privacy-n", type=click.IntRange(min=10), default=2000, help="Patients per set for privacy metrics.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Bootstrap replicates of the headline intervals (0: no intervals).")
+@click.option("--descriptions", "descriptions_path", type=click.Path(path_type=Path), default=None,
+              help="descriptions.json (or a directory holding one) naming codes in the per-code tables; "
+                   "default: the one `prepare` saved beside --train.")
 @_overwrite_option("report")
-def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir, out, seed, privacy_n,
-                     overwrite) -> None:
-    """Measure fidelity, utility and privacy; write metrics.json and a self-contained report.html."""
+def evaluate_command(train_dir, test_dir, synthetic, synthetic_source, model_dir, out, seed, privacy_n, bootstrap,
+                     descriptions_path, overwrite) -> None:
+    """Measure structure, fidelity, utility and privacy against a noise ceiling; write metrics.json and a
+    self-contained report.html."""
+    from ehrsynth.evaluation.descriptions import load_descriptions
     from ehrsynth.pipeline import evaluate_to
 
+    descriptions = None
+    if descriptions_path is not None:
+        if not descriptions_path.exists():
+            raise click.BadParameter(f"{str(descriptions_path)!r} does not exist", param_hint="--descriptions")
+        descriptions = load_descriptions(descriptions_path if descriptions_path.is_dir() else descriptions_path.parent)
     report, rows = evaluate_to(train_dir, test_dir, synthetic, out, synthetic_source=synthetic_source,
-                               model_dir=model_dir, seed=seed, privacy_n=privacy_n, overwrite=overwrite)
+                               model_dir=model_dir, seed=seed, privacy_n=privacy_n, bootstrap=bootstrap,
+                               descriptions=descriptions, overwrite=overwrite)
     click.echo(format_headline(rows))
     click.echo(f"report: {report}")
 
 
 def format_headline(rows) -> str:
-    return "\n".join(f"{area:<9}{label:<40}{'n/a' if value is None else f'{value:.3f}':>8}   {reading}"
+    return "\n".join(f"{area:<10}{label:<40}{'n/a' if value is None else f'{value:.3f}':>8}   {reading}"
                       for area, label, value, reading in rows)
 
 

@@ -40,7 +40,8 @@ _STAGING_NAME = re.compile(r"^\.ehrsynth-staging-[a-z]+-(\d+)@([A-Za-z0-9_]*)\."
 # files each kind writes, for outputs saved before markers existed (recognised so --overwrite still works)
 _CORPUS_FILES = {"corpus.json", "vocab.parquet", "patient_ids.npy", "patients.parquet", "visit_offsets.npy",
                  "code_offsets.npy", "codes.npy", "visit_days.npy", "visit_start.npy", "sex.npy", "birth_year.npy",
-                 "age_at_first_visit.npy", "death.npy", "labels.npy", "split.npy"}
+                 "age_at_first_visit.npy", "death.npy", "labels.npy", "split.npy",
+                 "descriptions.json"}  # code names `prepare` saves beside the corpus (evaluation/descriptions.py)
 _LEGACY_FILES = {
     "model": {"model.json", "model.safetensors"},
     "run": {"config.json", "metrics.jsonl", "checkpoint", "model"},

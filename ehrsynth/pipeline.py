@@ -308,24 +308,30 @@ def evaluate_to(
     model_dir: str | Path | None = None,
     seed: int = 0,
     privacy_n: int | None = 2000,
+    bootstrap: int = 200,
+    descriptions: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> tuple[Path, list]:
     """Evaluate ``synthetic`` against real ``train``/``test`` and write the report into ``out``.
 
     ``out`` is checked before any work: it may replace only an earlier report (with ``overwrite``) and never
-    overlap an input.
+    overlap an input. ``descriptions`` (typed code -> name) label the per-code tables; by default the
+    ``descriptions.json`` that ``prepare`` saved beside a ``train`` corpus directory is used.
 
     Returns:
         The report path and the headline rows.
     """
     from ehrsynth.data.build import BuildOptions
     from ehrsynth.data.readers import read_source
+    from ehrsynth.evaluation.descriptions import load_descriptions
     from ehrsynth.evaluation.report import evaluate, headline, write_report
 
     paths = {flag: value if isinstance(value, (str, Path)) else None for flag, value in
              (("--train", train), ("--test", test), ("--synthetic", synthetic), ("--model", model_dir))}
     check_output(out, "report", flag="--out", overwrite=overwrite, inputs=paths)
 
+    if descriptions is None and not isinstance(train, PatientCorpus):
+        descriptions = load_descriptions(train)
     synthetic_where = None if isinstance(synthetic, PatientCorpus) else synthetic
     # synthetic files are read whole: every record a training record, so split-first drops none of their codes
     whole = BuildOptions(split=(1.0, 0.0, 0.0))
@@ -348,10 +354,11 @@ def evaluate_to(
         if hasattr(model, "patient_log_likelihood"):
             loglik = model.patient_log_likelihood
             extra["perplexity_test"] = model.perplexity(test)
-    metrics = evaluate(train, test, synthetic, patient_log_likelihood=loglik, seed=seed, privacy_n=privacy_n)
+    metrics = evaluate(train, test, synthetic, patient_log_likelihood=loglik, seed=seed, privacy_n=privacy_n,
+                       bootstrap=bootstrap, descriptions=descriptions)
     metrics.update(extra)
     metrics["_meta"]["real_flattened_to_one_visit"] = flattened
-    report = write_report(metrics, train, synthetic, out)
+    report = write_report(metrics, train, synthetic, out, reference=test)
     return report, headline(metrics)
 
 
@@ -450,9 +457,12 @@ def _demo_steps(family: str, out: Path, *, seed: int, max_steps: int | None, pro
     say(f"[3/5] generating {train_part.n_patients:,} synthetic patients")
     synthetic = generate_corpus(run, train_part.n_patients, seed=seed, progress=progress)
     synthetic.save(out / "synthetic", kind="synthetic")
-    say("[4/5] evaluating fidelity, utility and privacy")
+    say("[4/5] evaluating structure, fidelity, utility and privacy beside the noise ceiling")
+    from ehrsynth.evaluation.descriptions import code_descriptions
+
     _, rows = evaluate_to(train_part, test_part, synthetic, out / "report",
-                          model_dir=run if family == "halo" else None, seed=seed)
+                          model_dir=run if family == "halo" else None, seed=seed,
+                          descriptions=code_descriptions("omop", demo_directory()))
     return rows
 
 

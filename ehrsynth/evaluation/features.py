@@ -40,21 +40,22 @@ class MetricResult:
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"metric": self.metric}
         for f in fields(self):
-            out[f.name] = _jsonable(getattr(self, f.name))
+            out[f.name] = jsonable(getattr(self, f.name))
         return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy types as Python ones, tuples as lists, dataclasses as dicts and NaN/inf as None."""
     if isinstance(value, MetricResult):
         return value.as_dict()
     if hasattr(value, "__dataclass_fields__"):
-        return {k: _jsonable(v) for k, v in asdict(value).items()}
+        return {k: jsonable(v) for k, v in asdict(value).items()}
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
+        return [jsonable(v) for v in value.tolist()]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

@@ -5,7 +5,8 @@ Three families, each a pure function of two corpora returning a frozen result (d
 * HALO's R^2 of code, pair and consecutive-visit statistics (:func:`halo_fidelity`);
 * EHRDiff's prevalence correlation and non-zero code count (:func:`prevalence_fidelity`), correlation matrix
   distance (:func:`correlation_matrix_distance`) and MMD (:func:`maximum_mean_discrepancy`);
-* record structure (:func:`structure_fidelity`) and real-vs-synthetic detection (:func:`detection_auroc`).
+* real-vs-synthetic detection (:func:`detection_auroc`); record structure lives in
+  :mod:`ehrsynth.evaluation.structure` (re-exported here).
 
 ``real`` is the real data the generator learnt from (its training part) and ``synthetic`` the generated corpus;
 their vocabularies may differ and are aligned on typed code strings first.
@@ -36,6 +37,7 @@ from ehrsynth.evaluation.features import (
     row_counts,
     sample_rows,
 )
+from ehrsynth.evaluation.structure import DistributionComparison, StructureFidelity, structure_fidelity  # noqa: F401
 
 HALO_STATISTICS = ("visit_code", "record_code", "visit_pair", "record_pair", "consecutive")
 
@@ -51,6 +53,8 @@ class HaloFidelity(MetricResult):
         visit_pair_r2: per unordered pair a < b, the share of visits containing both.
         record_pair_r2: per unordered pair a < b, the share of patients having both.
         consecutive_r2: per ordered pair (a, b), P(b in visit j | a in visit j-1) over consecutive visit pairs.
+        *_pearson: Pearson r over the same keys. R^2 is not scale-free (tiny real pair probabilities make it
+            explode negative); r reads the agreement of the pattern.
         n_*: the number of keys each R^2 is taken over.
     """
 
@@ -60,6 +64,11 @@ class HaloFidelity(MetricResult):
     visit_pair_r2: float
     record_pair_r2: float
     consecutive_r2: float
+    visit_code_pearson: float
+    record_code_pearson: float
+    visit_pair_pearson: float
+    record_pair_pearson: float
+    consecutive_pearson: float
     n_visit_code: int
     n_record_code: int
     n_visit_pair: int
@@ -100,11 +109,20 @@ def halo_fidelity(real: PatientCorpus, synthetic: PatientCorpus) -> HaloFidelity
         0.97
     """
     pairs = halo_statistics(real, synthetic)
-    r2 = {name: _r2(*pairs[name]) for name in HALO_STATISTICS}
+    return halo_fidelity_from_statistics(pairs)
+
+
+def halo_fidelity_from_statistics(pairs: dict[str, tuple[np.ndarray, np.ndarray]]) -> HaloFidelity:
+    """:func:`halo_fidelity` from already paired statistics (lets the report reuse one computation)."""
+    r2 = {name: r_squared(*pairs[name]) for name in HALO_STATISTICS}
+    r = {name: pearson(*pairs[name]) for name in HALO_STATISTICS}
     n = {name: len(pairs[name][0]) for name in HALO_STATISTICS}
     return HaloFidelity(
         visit_code_r2=r2["visit_code"], record_code_r2=r2["record_code"], visit_pair_r2=r2["visit_pair"],
         record_pair_r2=r2["record_pair"], consecutive_r2=r2["consecutive"],
+        visit_code_pearson=r["visit_code"], record_code_pearson=r["record_code"],
+        visit_pair_pearson=r["visit_pair"], record_pair_pearson=r["record_pair"],
+        consecutive_pearson=r["consecutive"],
         n_visit_code=n["visit_code"], n_record_code=n["record_code"], n_visit_pair=n["visit_pair"],
         n_record_pair=n["record_pair"], n_consecutive=n["consecutive"],
     )
@@ -149,8 +167,16 @@ def _paired(real: sp.spmatrix, synthetic: sp.spmatrix) -> tuple[np.ndarray, np.n
     return out[0], out[1]
 
 
-def _r2(real: np.ndarray, synthetic: np.ndarray) -> float:
+def r_squared(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """sklearn's R^2 with ``real`` as y_true; NaN with fewer than 2 values."""
     return float(r2_score(real, synthetic)) if len(real) >= 2 else float("nan")
+
+
+def pearson(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """Pearson r of two paired arrays; NaN with fewer than 2 values or a constant side."""
+    if len(real) < 2 or np.ptp(real) == 0 or np.ptp(synthetic) == 0:
+        return float("nan")
+    return float(stats.pearsonr(real, synthetic).statistic)
 
 
 # ---- EHRDiff: prevalence, CMD, MMD ---------------------------------------------------------------------------
@@ -192,12 +218,10 @@ def prevalence_fidelity(real: PatientCorpus, synthetic: PatientCorpus) -> Preval
     p_real = column_counts(aligned.patients[0]) / real.n_patients
     p_syn = column_counts(aligned.patients[1]) / synthetic.n_patients
     keep = (p_real > 0) | (p_syn > 0)
-    pearson = spearman = float("nan")
-    if keep.sum() >= 2 and np.ptp(p_real[keep]) > 0 and np.ptp(p_syn[keep]) > 0:
-        pearson = float(stats.pearsonr(p_real[keep], p_syn[keep]).statistic)
-        spearman = float(stats.spearmanr(p_real[keep], p_syn[keep]).statistic)
+    r = pearson(p_real[keep], p_syn[keep])
+    spearman = float(stats.spearmanr(p_real[keep], p_syn[keep]).statistic) if np.isfinite(r) else float("nan")
     return PrevalenceFidelity(
-        pearson=pearson, spearman=spearman, nzc_synthetic=int((p_syn > 0).sum()), nzc_real=int((p_real > 0).sum()),
+        pearson=r, spearman=spearman, nzc_synthetic=int((p_syn > 0).sum()), nzc_real=int((p_real > 0).sum()),
         nzc_shared=int(((p_real > 0) & (p_syn > 0)).sum()), n_codes=int(keep.sum()),
     )
 
@@ -314,72 +338,6 @@ def maximum_mean_discrepancy(real: PatientCorpus, synthetic: PatientCorpus, *, n
             + (k_yy.sum() - np.trace(k_yy)) / (n_y * (n_y - 1))
             - 2.0 * k_xy.mean())
     return MaximumMeanDiscrepancy(mmd2=float(mmd2), sigma2=sigma2, n_real=n_x, n_synthetic=n_y, n=n, seed=seed)
-
-
-# ---- structure -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistributionComparison:
-    """Two samples of one per-patient or per-visit quantity, compared.
-
-    Attributes:
-        wasserstein: ``scipy.stats.wasserstein_distance`` (in the quantity's unit).
-        ks: two-sample Kolmogorov-Smirnov statistic ``scipy.stats.ks_2samp(...).statistic``.
-        mean_real, mean_synthetic: the sample means.
-        n_real, n_synthetic: sample sizes. Everything is NaN when either sample is empty.
-    """
-
-    wasserstein: float
-    ks: float
-    mean_real: float
-    mean_synthetic: float
-    n_real: int
-    n_synthetic: int
-
-
-@dataclass(frozen=True)
-class StructureFidelity(MetricResult):
-    """Record-shape distributions: visits per patient, codes per visit, days between consecutive visits."""
-
-    metric = "fidelity.structure"
-    visits_per_patient: DistributionComparison
-    codes_per_visit: DistributionComparison
-    gap_days: DistributionComparison
-
-
-def structure_fidelity(real: PatientCorpus, synthetic: PatientCorpus) -> StructureFidelity:
-    """Wasserstein distance and KS statistic of visits per patient, codes per visit and inter-visit gaps.
-
-    Gaps are ``visit_days[j] - visit_days[j-1]`` for consecutive visits of the same patient; NaN gaps (unknown
-    times) are skipped. No vocabulary is involved.
-    """
-    check_corpus("real", real)
-    check_corpus("synthetic", synthetic)
-    return StructureFidelity(
-        visits_per_patient=_compare(real.visits_per_patient(), synthetic.visits_per_patient()),
-        codes_per_visit=_compare(real.codes_per_visit(), synthetic.codes_per_visit()),
-        gap_days=_compare(_gaps(real), _gaps(synthetic)),
-    )
-
-
-def _gaps(corpus: PatientCorpus) -> np.ndarray:
-    days = np.asarray(corpus.visit_days, dtype=np.float64)
-    owner = corpus.visit_patient()
-    gaps = (days[1:] - days[:-1])[owner[1:] == owner[:-1]]
-    return gaps[np.isfinite(gaps)]
-
-
-def _compare(real: np.ndarray, synthetic: np.ndarray) -> DistributionComparison:
-    real, synthetic = np.asarray(real, dtype=np.float64), np.asarray(synthetic, dtype=np.float64)
-    if len(real) == 0 or len(synthetic) == 0:
-        nan = float("nan")
-        return DistributionComparison(nan, nan, float(real.mean()) if len(real) else nan,
-                                      float(synthetic.mean()) if len(synthetic) else nan, len(real), len(synthetic))
-    return DistributionComparison(
-        wasserstein=float(stats.wasserstein_distance(real, synthetic)),
-        ks=float(stats.ks_2samp(real, synthetic).statistic),
-        mean_real=float(real.mean()), mean_synthetic=float(synthetic.mean()),
-        n_real=len(real), n_synthetic=len(synthetic),
-    )
 
 
 # ---- detection -----------------------------------------------------------------------------------------------

@@ -1,43 +1,45 @@
-"""Run the whole evaluation and write ``metrics.json`` plus a self-contained ``report.html``.
+"""Write ``metrics.json`` plus a self-contained ``report.html`` (Jinja2 template, PNGs embedded as base64).
 
-The report only formats results computed by the metric modules; it shows aggregates only, never a patient row.
-Plots are PNGs embedded as base64, so the page opens offline.
+The report only formats results computed by the metric modules (:func:`evaluate` lives in
+:mod:`ehrsynth.evaluation.suite`); it shows aggregates only, never a patient row, and it opens offline.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
-import time
-from collections.abc import Callable
+import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ehrsynth.data.corpus import PatientCorpus
-from ehrsynth.data.build import PROFILE_MIN_PATIENTS
-from ehrsynth.evaluation import fidelity, privacy, privacy_risk, utility
+from ehrsynth.evaluation.features import jsonable
+from ehrsynth.evaluation.figures import scatter_figure, structure_figure, utility_figure
+from ehrsynth.evaluation.suite import evaluate
+from ehrsynth.evaluation.verdict import checks
 from ehrsynth.outputs import staged_output
 
 HEADLINES = (
-    # (section, label, path into metrics, reading)
+    # (area, label, path into metrics, reading); the ceiling is the same path under "ceiling" (utility: TRTR)
+    ("structure", "Empty visits (share)", ("structure", "empty_visit_share"), "real share is ideal"),
+    ("structure", "Undated visits (share)", ("structure", "undated_visit_share"), "real share is ideal"),
+    ("structure", "Unknown sex (share of records)", ("structure", "unknown_sex_share"), "real share is ideal"),
+    ("structure", "Codes per visit TV distance", ("structure", "codes_per_visit_tv"), "0 is ideal"),
+    ("structure", "Visits per patient TV distance", ("structure", "visits_per_patient_tv"), "0 is ideal"),
+    ("structure", "log2 gap days TV distance", ("structure", "log2_gap_days_tv"), "0 is ideal"),
     ("fidelity", "Code probability R² (per visit)", ("halo", "visit_code_r2"), "1 is ideal"),
     ("fidelity", "Code probability R² (per record)", ("halo", "record_code_r2"), "1 is ideal"),
     ("fidelity", "Within-visit co-occurrence R²", ("halo", "visit_pair_r2"), "1 is ideal"),
+    ("fidelity", "Within-visit co-occurrence Pearson r", ("halo", "visit_pair_pearson"), "1 is ideal"),
     ("fidelity", "Consecutive-visit conditional R²", ("halo", "consecutive_r2"), "1 is ideal"),
     ("fidelity", "Prevalence Pearson r", ("prevalence", "pearson"), "1 is ideal"),
     ("fidelity", "Detection AUROC (real vs synthetic)", ("detection", "auroc"), "0.5 is ideal"),
     ("utility", "TSTR AUROC (logistic)", ("utility", "mean_auroc", "tstr.logistic"), "close to TRTR is ideal"),
-    ("utility", "TRTR AUROC (logistic)", ("utility", "mean_auroc", "trtr.logistic"), "reference: real data"),
-    ("privacy", "Membership inference accuracy", ("membership", "accuracy"), "0.5 means no leakage"),
+    ("utility", "TSTR AUROC (gbm)", ("utility", "mean_auroc", "tstr.gbm"), "close to TRTR is ideal"),
     ("privacy", "Membership AUROC (closer = member)", ("membership", "auroc"), "0.5 means no leakage"),
+    ("privacy", "Membership inference accuracy", ("membership", "accuracy"), "0.5 means no leakage"),
     ("privacy", "NNAA risk (AA_test − AA_train)", ("nnaa", "nnaar"), "about 0 is good"),
     ("privacy", "DCR share closer to train", ("dcr", "share_closer_to_train"), "0.5 is ideal"),
-    ("privacy", "Exact-copy rate (synthetic)", ("exact_copies", "copy_rate"), "compare with the holdout rate"),
-    ("privacy", "Exact-copy rate (holdout baseline)", ("exact_copies", "holdout_copy_rate"), "reference"),
+    ("privacy", "Exact-copy rate", ("exact_copies", "copy_rate"), "compare with the ceiling"),
     ("privacy", "Rare-code exposure (share of synthetic records)", ("rare_code_exposure", "share_records"),
      "0 is ideal"),
     ("privacy", "DOMIAS membership AUROC (density ratio)", ("membership_domias", "auroc"), "0.5 means no leakage"),
@@ -48,110 +50,181 @@ HEADLINES = (
     ("privacy", "Differential privacy: epsilon spent", ("differential_privacy", "epsilon_spent"),
      "lower is more private; n/a: not DP-trained"),
 )
+STRUCTURE_ROWS = (
+    ("Empty visits (share)", "empty_visit_share", "empty_visit_share_real"),
+    ("Undated visits (share)", "undated_visit_share", "undated_visit_share_real"),
+    ("Records of unknown sex (share)", "unknown_sex_share", "unknown_sex_share_real"),
+    ("Codes per visit: TV distance", "codes_per_visit_tv", None),
+    ("Visits per patient: TV distance", "visits_per_patient_tv", None),
+    ("log2 gap days: TV distance", "log2_gap_days_tv", None),
+)
+PRIVACY_MEANING = {
+    "membership": "Does being close to a synthetic record give a training patient away? AUROC 0.5: no better "
+                  "than chance.",
+    "likelihood_membership": "Does the model give training patients a higher likelihood than fresh ones? "
+                             "AUROC 0.5: no.",
+    "attribute": "Knowing a training patient's common codes, how well does the nearest synthetic record guess "
+                 "the rest, compared with the nearest real holdout record (baseline)?",
+    "nnaa": "How separable are real and synthetic records by nearest neighbours; the risk (test minus train) "
+            "near 0 means no overfitting to training records.",
+    "dcr": "Share of synthetic records closer to a training record than to a holdout record; 0.5 means no "
+           "closer to training patients than to fresh ones.",
+    "exact_copies": "Share of synthetic records whose code set equals a training record's, against the same "
+                    "share for fresh holdout records.",
+    "rare_code_exposure": "Synthetic records carrying a code that fewer than K real training patients have "
+                          "(rare codes identify people); 0 is ideal.",
+    "membership_domias": "DOMIAS: is the synthetic data denser than the holdout around training patients? "
+                         "AUROC 0.5: no.",
+    "likelihood_membership_per_code": "The likelihood attack with each record's log-likelihood divided by its "
+                                      "codes, so record length does not drive it. AUROC 0.5: no leakage.",
+    "likelihood_membership_per_visit": "The likelihood attack per visit. AUROC 0.5: no leakage.",
+    "likelihood_membership_calibrated": "The model's likelihood against a reference model fit on holdout "
+                                        "patients (likelihood ratio). AUROC 0.5: no leakage.",
+    "most_exposed": "Share of training records whose attack score exceeds the holdout's 99th percentile (about "
+                    "0.01 when nothing leaks); aggregates only.",
+    "differential_privacy": "The epsilon (and delta) the DP-SGD accountant spent in training; absent when the "
+                            "model was not trained with DP.",
+}
+CLINICAL_LABELS = {"sex_specific": "Code of the other sex", "perinatal_after_infancy": "Perinatal code after infancy",
+                   "events_after_death": "Visit after a recorded death", "visits_before_birth": "Visit before birth"}
+TOC = (("verdict", "Verdict"), ("headline", "Headline"), ("structure", "Structure"), ("fidelity", "Fidelity"),
+       ("per-code", "Per code"), ("clinical", "Clinical validity"), ("utility", "Utility"), ("privacy", "Privacy"),
+       ("raw", "Raw numbers"))
+
+__all__ = ["HEADLINES", "evaluate", "headline", "write_report"]
 
 
-def evaluate(
-    train: PatientCorpus,
-    test: PatientCorpus,
-    synthetic: PatientCorpus,
-    *,
-    patient_log_likelihood: Callable[[PatientCorpus], np.ndarray] | None = None,
-    seed: int = 0,
-    privacy_n: int | None = 2000,
-    rare_k: int = PROFILE_MIN_PATIENTS["release"],
-) -> dict[str, Any]:
-    """Every metric of docs/metrics.md for ``synthetic`` against real ``train`` (members) and ``test`` (holdout).
-
-    Args:
-        train, test: real training and held-out corpora.
-        synthetic: the corpus to judge (any vocabulary: metrics align codes by their typed strings).
-        patient_log_likelihood: the model's per-patient log-likelihood, enabling the likelihood attack.
-        seed: seed of every sampled metric.
-        privacy_n: cap on patients per set for the distance-based privacy metrics (None: all).
-        rare_k: a code fewer than this many training patients have is rare (rare-code exposure).
-
-    Returns:
-        ``{name: result.as_dict()}`` plus a ``"_meta"`` entry with sizes, seed and timings.
-    """
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
-        out = fn()
-        timings[name] = round(time.perf_counter() - start, 3)
-        return out
-
-    results = {
-        "halo": timed("halo", lambda: fidelity.halo_fidelity(train, synthetic)),
-        "prevalence": timed("prevalence", lambda: fidelity.prevalence_fidelity(train, synthetic)),
-        "cmd": timed("cmd", lambda: fidelity.correlation_matrix_distance(train, synthetic)),
-        "mmd": timed("mmd", lambda: fidelity.maximum_mean_discrepancy(train, synthetic, seed=seed)),
-        "structure": timed("structure", lambda: fidelity.structure_fidelity(train, synthetic)),
-        "detection": timed("detection", lambda: fidelity.detection_auroc(train, synthetic, seed=seed)),
-        "utility": timed("utility", lambda: utility.downstream_utility(train, test, synthetic, seed=seed)),
-        "membership": timed("membership", lambda: privacy.distance_membership_inference(
-            train, test, synthetic, n=privacy_n, seed=seed)),
-        "attribute": timed("attribute", lambda: privacy.attribute_inference(
-            train, test, synthetic, n=privacy_n, seed=seed)),
-        "nnaa": timed("nnaa", lambda: privacy.nearest_neighbour_adversarial_accuracy(
-            train, test, synthetic, n=privacy_n, seed=seed)),
-        "dcr": timed("dcr", lambda: privacy.distance_to_closest_record(train, test, synthetic, n=privacy_n,
-                                                                      seed=seed)),
-        "exact_copies": timed("exact_copies", lambda: privacy.exact_copies(train, test, synthetic)),
-    }
-    results["rare_code_exposure"] = timed("rare_code_exposure", lambda: privacy_risk.rare_code_exposure(
-        train, synthetic, k=rare_k))
-    results["membership_domias"] = timed("membership_domias", lambda: privacy_risk.domias_membership(
-        train, test, synthetic, n=privacy_n, seed=seed))
-    results.update(timed("likelihood_membership", lambda: _likelihood_attacks(
-        train, test, patient_log_likelihood, privacy_n=privacy_n, seed=seed)))
-    scored = {k: r for k, r in results.items() if isinstance(r, privacy_risk.ScoreMembership)}
-    results["most_exposed"] = privacy_risk.most_exposed_records(scored)
-    out = {name: result.as_dict() for name, result in results.items()}
-    out["_meta"] = {"train_patients": train.n_patients, "test_patients": test.n_patients,
-                    "synthetic_patients": synthetic.n_patients, "seed": seed, "privacy_n": privacy_n,
-                    "seconds": timings}
-    return out
+def _get(metrics: Any, path: tuple[str, ...]) -> float | None:
+    for key in path:
+        metrics = metrics.get(key) if isinstance(metrics, dict) else None
+    if isinstance(metrics, bool) or not isinstance(metrics, (int, float)) or not math.isfinite(metrics):
+        return None
+    return metrics
 
 
-def _likelihood_attacks(train: PatientCorpus, test: PatientCorpus,
-                        patient_log_likelihood: Callable[[PatientCorpus], np.ndarray] | None, *,
-                        privacy_n: int | None, seed: int) -> dict[str, Any]:
-    """The attacks on the model's own likelihood: raw, per code, per visit and reference-calibrated; each
-    reports "not applicable" when there is no likelihood (EHRDiff, or no model given)."""
-    names = ("likelihood_membership_per_code", "likelihood_membership_per_visit",
-             "likelihood_membership_calibrated")
-    classes = (privacy_risk.PerCodeLikelihoodMembership, privacy_risk.PerVisitLikelihoodMembership,
-               privacy_risk.CalibratedLikelihoodMembership)
-    if patient_log_likelihood is None:
-        reason = "no model likelihood: the generator is not a likelihood model (EHRDiff) or no model was given"
-        out: dict[str, Any] = {name: cls.unavailable(reason, seed=seed) for name, cls in zip(names, classes)}
-        out["likelihood_membership"] = privacy.LikelihoodMembership(
-            auroc=float("nan"), accuracy=float("nan"), precision=float("nan"), recall=float("nan"),
-            f1=float("nan"), median_loglik=float("nan"), n_members=None, n_nonmembers=None, seed=seed,
-            not_applicable=reason)
-        return out
-    member, nonmember = patient_log_likelihood(train), patient_log_likelihood(test)
-    return {
-        "likelihood_membership": privacy.likelihood_membership_inference(member, nonmember, seed=seed),
-        names[0]: privacy_risk.normalised_likelihood_membership(train, test, member, nonmember, unit="code",
-                                                                n=privacy_n, seed=seed),
-        names[1]: privacy_risk.normalised_likelihood_membership(train, test, member, nonmember, unit="visit",
-                                                                n=privacy_n, seed=seed),
-        names[2]: privacy_risk.calibrated_likelihood_membership(train, test, member, nonmember, n=privacy_n,
-                                                                seed=seed),
-    }
+def _ceiling_path(path: tuple[str, ...]) -> tuple[str, ...]:
+    if path[0] == "utility":
+        return ("utility", "mean_auroc", path[-1].replace("tstr.", "trtr."))
+    return ("ceiling",) + path
 
 
 def headline(metrics: dict[str, Any]) -> list[tuple[str, str, float | None, str]]:
-    """(section, label, value, reading) rows of the headline table."""
+    """(area, label, value, reading) rows of the headline table."""
+    return [(area, label, _get(metrics, path), reading) for area, label, path, reading in HEADLINES]
+
+
+def _gap(value: float | None, ceiling: float | None) -> float | None:
+    return None if value is None or ceiling is None else value - ceiling
+
+
+def _interval(metrics: dict[str, Any], path: tuple[str, ...]) -> str:
+    found = metrics.get("intervals", {}).get(".".join(path))
+    if not found or found.get("low") is None or found.get("high") is None:
+        return "—"
+    return f"{_num(found['low'])} – {_num(found['high'])}"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or isinstance(value, int):
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "n/a"
+        return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
+    return str(value)
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(value, list):
+        return [item for i, v in enumerate(value) for item in _flatten(v, f"{prefix}[{i}]")]
+    return [(prefix, value)] if isinstance(value, (int, float)) or value is None else []
+
+
+def _context(metrics: dict[str, Any], figures: dict[str, Any], title: str) -> dict[str, Any]:
+    ceiling = metrics.get("ceiling", {})
     rows = []
-    for section, label, path, reading in HEADLINES:
-        value: Any = metrics
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        rows.append((section, label, value if isinstance(value, (int, float)) else None, reading))
+    for area, label, path, reading in HEADLINES:
+        value, ref = _get(metrics, path), _get(metrics, _ceiling_path(path))
+        rows.append({"area": area, "label": label, "value": value, "ceiling": ref, "gap": _gap(value, ref),
+                     "interval": _interval(metrics, path), "reading": reading})
+    structure = []
+    for label, field, real_field in STRUCTURE_ROWS:
+        value, ref = _get(metrics, ("structure", field)), _get(ceiling, ("structure", field))
+        real = _get(metrics, ("structure", real_field)) if real_field else None
+        structure.append({"label": label, "value": value, "real": real, "ceiling": ref, "gap": _gap(value, ref),
+                          "interval": _interval(metrics, ("structure", field))})
+    fidelity_rows = []
+    for key in ("halo", "prevalence", "cmd", "mmd", "detection", "structure"):
+        for field, value in _flatten({k: v for k, v in metrics.get(key, {}).items() if k != "metric"}):
+            ref = _get(ceiling, (key,) + tuple(field.split(".")))
+            fidelity_rows.append({"metric": metrics[key]["metric"], "field": field, "value": value, "ceiling": ref,
+                                  "gap": _gap(value if isinstance(value, (int, float)) else None, ref)})
+    utility_rows = []
+    scores = metrics.get("utility", {}).get("scores", [])
+    for s in scores:
+        if s["trained_on"] != "synthetic":
+            continue
+        real = next((r for r in scores if r["trained_on"] == "real" and r["target"] == s["target"]
+                     and r["model"] == s["model"]), {})
+        utility_rows.append({"target": s["target"], "model": s["model"], "tstr": s["auroc"], "trtr": real.get("auroc"),
+                             "gap": _gap(s["auroc"], real.get("auroc")), "tstr_auprc": s["auprc"],
+                             "trtr_auprc": real.get("auprc"),
+                             "note": "; ".join(x for x in (s.get("skipped"), real.get("skipped")) if x)})
+    return {
+        "title": title, "meta": metrics["_meta"], "toc": TOC, "verdict": metrics.get("verdict", {}),
+        "checks": checks(metrics), "headline": rows, "structure": structure, "fidelity": fidelity_rows,
+        "per_code": metrics.get("per_code", {}), "clinical": _clinical_rows(metrics.get("clinical", {})),
+        "utility": utility_rows, "privacy": _privacy_rows(metrics), "figures": figures,
+        "raw": _flatten({k: v for k, v in metrics.items() if k != "_meta"}),
+    }
+
+
+def _clinical_rows(clinical: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, label in CLINICAL_LABELS.items():
+        synthetic = clinical.get("synthetic", {}).get(name, {})
+        reference = clinical.get("reference", {}).get(name, {}).get("per_1000")
+        rows.append({"label": label, "real": clinical.get("real", {}).get(name, {}).get("per_1000"),
+                     "reference": reference, "synthetic": synthetic.get("per_1000"),
+                     "gap": _gap(synthetic.get("per_1000"), reference), "records": synthetic.get("records"),
+                     "checked": synthetic.get("checked"),
+                     "top": ", ".join(f"{c} ({n})" for c, n in synthetic.get("top_codes", [])) or "—"})
     return rows
+
+
+def _privacy_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One block per privacy result, whatever its fields; a result carrying ``not_applicable`` shows its reason."""
+    ceiling = metrics.get("ceiling", {})
+    out = []
+    for name, result in metrics.items():
+        if not isinstance(result, dict) or not str(result.get("metric", "")).startswith("privacy."):
+            continue
+        block = {"name": name, "metric": result["metric"], "meaning": PRIVACY_MEANING.get(name, result["metric"]),
+                 "not_applicable": bool(result.get("not_applicable")),
+                 "reason": result.get("reason") or (result["not_applicable"] if isinstance(
+                     result.get("not_applicable"), str) else ""), "rows": []}
+        if not block["not_applicable"]:
+            for field, value in _flatten({k: v for k, v in result.items() if k != "metric"}):
+                ref = _get(ceiling, (name,) + tuple(field.split(".")))
+                block["rows"].append({"field": field, "value": value, "ceiling": ref,
+                                      "gap": _gap(value if isinstance(value, (int, float)) else None, ref)})
+        out.append(block)
+    return out
+
+
+def _figures(metrics: dict[str, Any], train: PatientCorpus, synthetic: PatientCorpus,
+             reference: PatientCorpus | None = None) -> dict[str, Any]:
+    """The page's plots by key; records the scatter plots' key counts in ``metrics["figures"]``."""
+    counts: dict[str, dict[str, int]] = {}
+    figures = {"scatter": scatter_figure(metrics, train, synthetic, counts),
+               "structure": structure_figure(train, synthetic, reference),
+               "utility": utility_figure(metrics)}
+    metrics["figures"] = {"scatter_keys": counts}
+    return {key: figure for key, figure in figures.items() if figure is not None}
 
 
 def write_report(
@@ -161,143 +234,26 @@ def write_report(
     out_dir: str | Path,
     *,
     title: str = "ehrsynth evaluation",
+    reference: PatientCorpus | None = None,
 ) -> Path:
     """Write ``metrics.json`` and ``report.html`` as the directory ``out_dir``, in one rename; returns the HTML
-    path. An existing ``out_dir`` is replaced only when it is an ehrsynth report (see :mod:`ehrsynth.outputs`)."""
+    path. An existing ``out_dir`` is replaced only when it is an ehrsynth report (see :mod:`ehrsynth.outputs`).
+
+    ``reference`` (real holdout patients) adds the holdout bars to the structure plot. The scatter plots' key
+    counts are added to ``metrics["figures"]`` so that metrics.json holds every number on the page.
+    """
+    import jinja2
+
     out_dir = Path(out_dir)
-    figures = _figures(metrics, train, synthetic)
-    page = _html(title, metrics, figures)
+    figures = _figures(metrics, train, synthetic, reference)
+    metrics = jsonable(metrics)
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("ehrsynth.evaluation", "templates"),
+                                     autoescape=True, undefined=jinja2.StrictUndefined)
+    environment.filters["num"] = _num
+    environment.filters["int_fmt"] = lambda v: f"{v:,}" if isinstance(v, int) else _num(v)
+    environment.filters["css"] = lambda status: status if status in ("pass", "warn", "fail") else "na"
+    page = environment.get_template("report.html.j2").render(**_context(metrics, figures, title))
     with staged_output(out_dir, "report") as staging:
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (staging / "report.html").write_text(page)
     return out_dir / "report.html"
-
-
-# ---- plots ---------------------------------------------------------------------------------------------------
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _figures(metrics: dict[str, Any], train: PatientCorpus, synthetic: PatientCorpus) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figures = {}
-    stats = fidelity.halo_statistics(train, synthetic)
-    titles = {"visit_code": "Code probability per visit", "record_code": "Code probability per record",
-              "visit_pair": "Within-visit co-occurrence", "record_pair": "Within-record co-occurrence",
-              "consecutive": "Consecutive-visit conditional"}
-    fig, axes = plt.subplots(1, len(stats), figsize=(4 * len(stats), 4))
-    for ax, (name, (real, synth)) in zip(np.atleast_1d(axes), stats.items()):
-        keep = (real > 0) & (synth > 0)
-        ax.loglog(real[keep], synth[keep], ".", alpha=0.4, markersize=3)
-        low = min(real[keep].min(), synth[keep].min()) if keep.any() else 1e-4
-        ax.plot([low, 1], [low, 1], "k--", linewidth=0.8)
-        r2 = metrics["halo"].get(f"{name}_r2")
-        ax.set_title(f"{titles.get(name, name)}\nR² = {r2:.3f}" if r2 is not None else titles.get(name, name),
-                     fontsize=9)
-        ax.set_xlabel("real")
-        ax.set_ylabel("synthetic")
-    figures["scatter"] = _png(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, (name, real, synth) in zip(axes, (
-        ("visits per patient", train.visits_per_patient(), synthetic.visits_per_patient()),
-        ("codes per visit", train.codes_per_visit(), synthetic.codes_per_visit()),
-    )):
-        top = int(max(np.percentile(real, 99), np.percentile(synth, 99), 1)) + 1
-        bins = np.arange(0, top + 1) - 0.5
-        ax.hist(np.minimum(real, top), bins=bins, density=True, alpha=0.5, label="real")
-        ax.hist(np.minimum(synth, top), bins=bins, density=True, alpha=0.5, label="synthetic")
-        ax.set_title(name, fontsize=9)
-        ax.legend()
-    figures["histograms"] = _png(fig)
-
-    scores = [s for s in metrics["utility"]["scores"] if s["auroc"] is not None]
-    targets = sorted({s["target"] for s in scores})
-    if targets:
-        fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(targets) + 3), 3.5))
-        width = 0.2
-        for i, (model, source) in enumerate([(m, t) for m in ("logistic", "gbm") for t in ("synthetic", "real")]):
-            values = [next((s["auroc"] for s in scores if s["target"] == t and s["model"] == model
-                            and s["trained_on"] == source), np.nan) for t in targets]
-            label = f"{'TSTR' if source == 'synthetic' else 'TRTR'} {model}"
-            ax.bar(np.arange(len(targets)) + (i - 1.5) * width, values, width, label=label)
-        ax.set_xticks(np.arange(len(targets)))
-        ax.set_xticklabels(targets, rotation=45, ha="right", fontsize=7)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("AUROC on real test")
-        ax.legend(fontsize=7)
-        figures["utility"] = _png(fig)
-    return figures
-
-
-# ---- HTML ----------------------------------------------------------------------------------------------------
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return html.escape(str(value))
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _html(title: str, metrics: dict[str, Any], figures: dict[str, str]) -> str:
-    meta = metrics["_meta"]
-    headline_rows = [[s, label, value, reading] for s, label, value, reading in headline(metrics)]
-    privacy_rows = []
-    for key in ("membership", "likelihood_membership", "likelihood_membership_per_code",
-                "likelihood_membership_per_visit", "likelihood_membership_calibrated", "membership_domias",
-                "most_exposed", "rare_code_exposure", "attribute", "nnaa", "dcr", "exact_copies",
-                "differential_privacy"):
-        if key in metrics:
-            for name, value in metrics[key].items():
-                if name == "not_applicable":
-                    if value:
-                        privacy_rows.append([metrics[key]["metric"], "not applicable", value])
-                elif name != "metric" and isinstance(value, (int, float)) or value is None:
-                    privacy_rows.append([metrics[key]["metric"], name, value])
-    fidelity_rows = []
-    for key in ("prevalence", "cmd", "mmd", "structure", "detection"):
-        for name, value in metrics[key].items():
-            if name != "metric" and (isinstance(value, (int, float)) or value is None):
-                fidelity_rows.append([metrics[key]["metric"], name, value])
-    images = {k: f'<img alt="{k}" src="data:image/png;base64,{v}">' for k, v in figures.items()}
-    sections = [
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p>Real training patients: {meta['train_patients']:,}; real holdout patients: {meta['test_patients']:,}; "
-        f"synthetic patients: {meta['synthetic_patients']:,}; seed {meta['seed']}. "
-        "Aggregates only: no patient row appears in this report.</p>",
-        '<h2 id="headline">Headline</h2>',
-        _table(headline_rows, ["area", "metric", "value", "reading"]),
-        '<h2 id="fidelity">Fidelity: real vs synthetic statistics (log-log)</h2>',
-        images.get("scatter", ""),
-        _table(fidelity_rows, ["metric", "field", "value"]),
-        '<h2 id="structure">Visits per patient and codes per visit</h2>',
-        images.get("histograms", ""),
-        '<h2 id="utility">Utility: TSTR vs TRTR</h2>',
-        images.get("utility", "<p>No scorable prediction target.</p>"),
-        _table([[s["target"], s["model"], "TSTR" if s["trained_on"] == "synthetic" else "TRTR", s["auroc"],
-                 s["auprc"], s["skipped"]] for s in metrics["utility"]["scores"]],
-               ["target", "classifier", "setting", "AUROC", "AUPRC", "skipped"]),
-        '<h2 id="privacy">Privacy</h2>',
-        _table(privacy_rows, ["metric", "field", "value"]),
-        "<p>Definitions of every metric key: docs/metrics.md.</p>",
-    ]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "font-size:13px;text-align:left}img{max-width:100%}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
