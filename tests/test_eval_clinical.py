@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ehrsynth.data.build import build_corpus
+from ehrsynth.data.build import BuildOptions, build_corpus
 from ehrsynth.evaluation.clinical import clinical_validity, code_kinds, corpus_checks
 
 T0 = datetime(2020, 1, 1)
@@ -19,7 +19,8 @@ def records(patients: list[list[tuple[int, list[str]]]], sex: list[int], age: li
     """A corpus from [patient][visit] = (day, typed codes), with sex and age at first visit per patient."""
     rows = [(p, f"{p}-{v}", T0 + timedelta(days=day), code)
             for p, visits in enumerate(patients) for v, (day, codes) in enumerate(visits) for code in codes]
-    corpus = build_corpus(pl.DataFrame(rows, schema=["patient", "visit", "time", "code"], orient="row"))
+    corpus = build_corpus(pl.DataFrame(rows, schema=["patient", "visit", "time", "code"], orient="row"),
+                          options=BuildOptions(split=(1.0, 0.0, 0.0)))  # every hand-made code kept (split-first)
     order = np.asarray(corpus.patient_ids).astype(int)  # build order -> the lists' order
     return replace(corpus, sex=np.asarray(sex, dtype=np.int8)[order],
                    age_at_first_visit=np.asarray(age, dtype=np.float32)[order])

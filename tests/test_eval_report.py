@@ -45,7 +45,7 @@ def test_report_holds_every_section_and_number(gibleed, tmp_path):
     assert (meta["synthetic_patients"], meta["reference_patients"], meta["seed"]) == (215, 215, 0)
     assert meta["privacy_reference_patients"] == [215, 324]   # 539 holdout patients cut for the privacy ceiling
     expected = {"halo", "prevalence", "cmd", "mmd", "structure", "detection", "utility", "membership",
-                "attribute", "nnaa", "dcr", "exact_copies"}
+                "attribute", "nnaa", "dcr", "exact_copies", "membership_domias", "rare_code_exposure"}
     assert expected <= set(metrics) and expected - {"utility"} == set(metrics["ceiling"])
     # two random parts of the same real data: fidelity high, privacy attack at chance, no structural flaw
     assert metrics["prevalence"]["pearson"] > 0.99 and metrics["ceiling"]["prevalence"]["pearson"] > 0.99

@@ -117,7 +117,7 @@ def test_prepare_overwrites_its_own_corpus_privately(work, data_dir):
     previous = os.umask(0o022)
     try:
         result = ehrsynth("prepare", "--source", "mimic3", "--input", mimic, "--output", work / "corpus",
-                          "--max-visits", 1, "--overwrite")
+                          "--max-visits", 1, "--profile", "research", "--overwrite")
     finally:
         os.umask(previous)
     assert result.exit_code == 0, result.output
