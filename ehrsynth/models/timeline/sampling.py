@@ -6,10 +6,11 @@ patient i at position t is HALO's counter-based hash of (run key, i, t) (:func:`
 stream_keys`), so patient i depends only on (seed, i): not on the batch size, the chunking or the other records
 -- up to the last bit of batched matrix products.
 
-Conditions fix prompt tokens ("forced", as HALO's default): a condition on sex or the age bucket leaves that one
-token allowed in its group; a label fixed to 0 is never emitted, a label fixed to 1 must be emitted before any
-later prompt token. Prompt tokens after a condition follow their exact conditionals; earlier ones (labels before
-a fixed label) keep their model distribution.
+Conditions fix prompt tokens ("forced", as HALO's default). A condition on sex or the age bucket gives the
+fixed token its whole group's probability: every token before it keeps its model distribution, every token
+after it follows its exact conditional. A label fixed to 0 is never emitted and a label fixed to 1 must be
+emitted before any later prompt token (masked and renormalised): for the first label of the prompt that is the
+exact posterior p(record | label); for a later label, the labels before it are renormalised too.
 """
 
 from __future__ import annotations
@@ -44,14 +45,26 @@ class TimelineNetwork:
         allowed = self.grammar.allowed(prev, pos)
         if forced is not None:
             allowed &= condition_mask(self.grammar.layout, prev, *forced)
-        return F.log_softmax(self.head(h).float().masked_fill(~allowed, float("-inf")), dim=-1)
+        logp = F.log_softmax(self.head(h).float().masked_fill(~allowed, float("-inf")), dim=-1)
+        if forced is not None:  # a fixed sex / age bucket takes its whole group's mass: what precedes keeps its own
+            lay = self.grammar.layout
+            for a, b in ((lay.sex_start, lay.age_start), (lay.age_start, lay.gap_start)):
+                chosen = np.flatnonzero(forced[0][a:b])
+                if len(chosen):
+                    group = torch.logsumexp(logp[:, a:b], dim=1)
+                    logp[:, a:b] = float("-inf")
+                    logp[:, a + int(chosen[0])] = group
+        return logp
 
 
 def condition_mask(layout: ColumnLayout, prev: torch.Tensor, ones: np.ndarray, zeros: np.ndarray) -> torch.Tensor:
-    """(N, K) bool: tokens the conditions allow after ``prev`` (columns ``ones`` forced present, ``zeros``
-    absent): a label forced to 1 and not yet emitted bars every prompt token after it."""
+    """(N, K) bool: the label tokens the conditions allow after ``prev`` (label columns ``ones`` forced present,
+    ``zeros`` absent): a label forced to 1 and not yet emitted bars every prompt token after it. (Sex and age
+    conditions are applied on the probabilities, :meth:`TimelineNetwork.log_probs`.)"""
     device = prev.device
-    mask = torch.as_tensor(~zeros, device=device)[None, :].expand(len(prev), -1)
+    barred = np.zeros_like(zeros)
+    barred[layout.label_start:layout.sex_start] = zeros[layout.label_start:layout.sex_start]
+    mask = torch.as_tensor(~barred, device=device)[None, :].expand(len(prev), -1)
     must = np.flatnonzero(ones[layout.label_start:layout.sex_start])
     if not len(must):
         return mask
