@@ -287,7 +287,7 @@ def perplexity(run_dir: str | Path, corpus: PatientCorpus | str | Path, *, batch
     if isinstance(corpus, (str, Path)):
         corpus = PatientCorpus.load(corpus)
     if not hasattr(model, "perplexity"):
-        raise ConfigError(f"model family {model.family!r} has no likelihood; perplexity needs HALO")
+        raise ConfigError(f"model family {model.family!r} has no likelihood; perplexity needs HALO or timeline")
     return model.perplexity(corpus, batch_size=batch_size)
 
 
