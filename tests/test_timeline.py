@@ -150,6 +150,17 @@ def test_kv_cache_gives_the_full_forward_logits():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_and_padded_losses_agree(mimic3_corpus):
+    with pytest.warns(UserWarning, match="do not fit"):
+        model = TimelineModel.from_corpus(mimic3_corpus.part("train"), TimelineConfig.small(n_ctx=128)).eval()
+    batch = model.collate(mimic3_corpus, np.arange(mimic3_corpus.n_patients))
+    packed = model.token_log_probs(batch["tokens"], batch["scored"], packed=True)
+    padded = model.token_log_probs(batch["tokens"], batch["scored"], packed=False)
+    lengths = batch["lengths"]  # every token but [BOS] is scored, but a window-forced [EOS]
+    assert packed.shape == (int((lengths - 1).sum() - (lengths == 128).sum()),) and lengths.max() > 100
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def gibleed_model(gibleed):
     """The small config on the GiBleed training part, untrained, with a 64-token window (records cut)."""
