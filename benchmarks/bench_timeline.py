@@ -7,7 +7,7 @@ generated records, training time and sampling speed, on one torch thread.
 
 Each data set is read as bench_quality.py reads it (last 45 visits, seeded split). Each family trains with its
 demo settings (``pipeline.DEMO_SETTINGS``: the small network, cosine schedule, early stopping on the validation
-likelihood), capped by ``--max-time``; then the test part is scored (``perplexity``) and as many patients as
+likelihood, validated every ``--eval-every`` steps), capped by ``--max-time``; then the test part is scored (``perplexity``) and as many patients as
 the training part are generated and compared with it. Only aggregates are printed.
 """
 
@@ -31,14 +31,15 @@ from ehrsynth.models.io import load_model  # noqa: E402
 from ehrsynth.pipeline import DEMO_SETTINGS, train_model  # noqa: E402
 
 
-def run(corpus, family: str, seed: int, max_time: float) -> dict[str, float]:
+def run(corpus, family: str, seed: int, max_time: float, eval_every: int) -> dict[str, float]:
     train, test = corpus.part("train"), corpus.part("test")
     settings = DEMO_SETTINGS[family]
     with tempfile.TemporaryDirectory(prefix="bench-timeline.") as tmp:
         start = time.perf_counter()
         result = train_model(family, corpus, Path(tmp) / "run", model_options=settings["model"],
                              training_options={**settings["training"], "seed": seed, "max_time": max_time,
-                                               "max_steps": 10**6, "max_epochs": 400}, progress=False)
+                                               "max_steps": 10**6, "max_epochs": 400,
+                                               "eval_every": eval_every}, progress=False)
         trained = time.perf_counter() - start
         model = load_model(Path(tmp) / "run")
     scored = model.perplexity(test, batch_size=64)
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["halo", "timeline"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-time", type=float, default=300.0, help="training budget per run, seconds")
+    parser.add_argument("--eval-every", type=int, default=25,
+                        help="validation interval in steps (the 72-patient MIMIC-III demo overfits within ~50 steps)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--vocab", type=int, help="instead: one paper-width training step at this vocabulary")
     parser.add_argument("--batch", type=int, default=8, help="--vocab: patients per batch")
@@ -109,7 +112,7 @@ def main() -> None:
     for name in args.datasets:
         corpus = DATASETS[name](BuildOptions(max_visits=MAX_VISITS, seed=0))
         for family in args.families:
-            row = run(corpus, family, args.seed, args.max_time)
+            row = run(corpus, family, args.seed, args.max_time, args.eval_every)
             results[f"{name}/{family}"] = row
             print(f"{name:8s} {family:9s} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in row.items()), flush=True)
