@@ -4,6 +4,7 @@ KV cache, seeds, conditioning, save/load, resume through the shared loop, encodi
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 
 import numpy as np
@@ -265,3 +266,25 @@ def test_resume_through_the_shared_loop_is_exact(mimic3_corpus, tmp_path):
     a = load_file(str(tmp_path / "straight" / "checkpoint" / "state.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoint" / "state.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_train_generate_perplexity(mimic3_corpus, tmp_path):
+    from click.testing import CliRunner
+
+    from ehrsynth.cli import cli
+
+    def run(*args):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output[-2000:]
+        return result.output
+
+    mimic3_corpus.save(tmp_path / "corpus")
+    with pytest.warns(UserWarning, match="do not fit"):
+        run("--threads", 1, "train", "timeline", "--data", tmp_path / "corpus", "--out", tmp_path / "run",
+            "--preset", "small", "--max-steps", 3, "--batch-size", 16)
+    run("generate", tmp_path / "run", "-n", 20, "--out", tmp_path / "syn", "--condition", "sex=F", "--seed", 1)
+    synthetic = PatientCorpus.load(tmp_path / "syn")
+    assert synthetic.n_patients == 20 and (synthetic.sex == 0).all() and (np.diff(synthetic.code_offsets) > 0).all()
+    out = run("perplexity", tmp_path / "run", "--data", tmp_path / "corpus", "--part", "test")
+    result = json.loads(out[out.index("{"):])
+    assert result["patients"] == mimic3_corpus.part("test").n_patients and result["per_code_perplexity"] > 1
