@@ -24,7 +24,9 @@ every sampled sequence is a valid record and the loss is the exact masked NLL:
 * window: a gap only at positions <= n_ctx - 3 (room for a code and [EOS]); position n_ctx - 1 is [EOS].
 
 Records longer than the window keep their last visits (counted); a single visit longer than the whole window
-keeps its lowest code ids (counted).
+keeps its lowest code ids (counted). A value the training data never lacked is scored as HALO scores it: an
+unknown sex or age gets no token (the record then has probability 0); an unknown gap, which must still separate
+the visits, takes the first gap bin.
 """
 
 from __future__ import annotations
