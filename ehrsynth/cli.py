@@ -215,7 +215,7 @@ def format_description(summary: dict) -> str:
 
 
 @cli.command("train")
-@click.argument("model", type=click.Choice(["halo", "ehrdiff"]))
+@click.argument("model", type=click.Choice(["halo", "ehrdiff", "timeline"]))
 @click.option("--data", "data", type=click.Path(path_type=Path), required=True,
               help="Corpus directory from `ehrsynth prepare` (its train part is used, val for validation).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory.")
@@ -253,7 +253,7 @@ def format_description(summary: dict) -> str:
 def train_command(model, data, out, config_file, resume, max_steps, max_epochs, max_time, patience,
                   checkpoint_minutes, batch_size, lr, seed, device, nproc, preset, dry_run, dp_epsilon, dp_delta,
                   dp_max_grad_norm, overwrite) -> None:
-    """Train MODEL (halo or ehrdiff) on a corpus; the best model lands in OUT/model."""
+    """Train MODEL (halo, ehrdiff or timeline) on a corpus; the best model lands in OUT/model."""
     from ehrsynth.outputs import check_output, remove_output
     from ehrsynth.pipeline import MODEL_PRESETS, RUN_HINT, read_config_file, train_model
 
@@ -425,7 +425,8 @@ def format_headline(rows) -> str:
 
 
 @cli.command()
-@click.option("--model", "family", type=click.Choice(["halo", "ehrdiff"]), default="halo", help="Model to run.")
+@click.option("--model", "family", type=click.Choice(["halo", "ehrdiff", "timeline"]), default="halo",
+              help="Model to run.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ehrsynth-demo"), help="Output directory.")
 @click.option("--seed", type=int, default=0, help="Seed of the split, training, sampling and metrics.")
 @_overwrite_option("demo folder")

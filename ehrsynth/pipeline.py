@@ -287,7 +287,7 @@ def perplexity(run_dir: str | Path, corpus: PatientCorpus | str | Path, *, batch
     if isinstance(corpus, (str, Path)):
         corpus = PatientCorpus.load(corpus)
     if not hasattr(model, "perplexity"):
-        raise ConfigError(f"model family {model.family!r} has no likelihood; perplexity needs HALO")
+        raise ConfigError(f"model family {model.family!r} has no likelihood; perplexity needs HALO or timeline")
     return model.perplexity(corpus, batch_size=batch_size)
 
 
@@ -390,6 +390,7 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "halo": {"paper": {}, "small": {"n_layer": 2, "n_head": 4, "n_embd": 128}},
     "ehrdiff": {"paper": {}, "small": {"hidden_dims": [512, 256, 256, 256, 512], "time_dim": 256,
                                        "fourier_dim": 128}},
+    "timeline": {"paper": {}, "small": {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_ctx": 256}},
 }
 
 # Small configs for the bundled demo: the whole path runs in a few minutes on a 2-core CPU.
@@ -405,6 +406,12 @@ DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "ehrdiff": {
         "model": MODEL_PRESETS["ehrdiff"]["small"],
         "training": {"batch_size": 256, "lr": 1e-3, "max_steps": 1500, "eval_every": 250, "checkpoint_every": 250},
+    },
+    "timeline": {
+        "model": MODEL_PRESETS["timeline"]["small"],
+        # bench_timeline.py on GiBleed: best validation likelihood at step 750 (checked every 250)
+        "training": {"batch_size": 32, "lr": 2e-3, "max_steps": 1000, "eval_every": 250, "checkpoint_every": 250,
+                     "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.1},
     },
 }
 
@@ -462,7 +469,7 @@ def _demo_steps(family: str, out: Path, *, seed: int, max_steps: int | None, pro
     from ehrsynth.evaluation.descriptions import code_descriptions
 
     _, rows = evaluate_to(train_part, test_part, synthetic, out / "report",
-                          model_dir=run if family == "halo" else None, seed=seed,
+                          model_dir=run if family in ("halo", "timeline") else None, seed=seed,
                           descriptions=code_descriptions("omop", demo_directory()))
     return rows
 

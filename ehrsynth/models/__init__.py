@@ -10,11 +10,12 @@ from ehrsynth.errors import ConfigError
 FAMILIES = {
     "halo": ("ehrsynth.models.halo", "HaloModel"),
     "ehrdiff": ("ehrsynth.models.ehrdiff", "EHRDiffModel"),
+    "timeline": ("ehrsynth.models.timeline", "TimelineModel"),
 }
 
 
 def model_class(family: str) -> type:
-    """The model class of ``family`` (``'halo'`` or ``'ehrdiff'``).
+    """The model class of ``family`` (``'halo'``, ``'ehrdiff'`` or ``'timeline'``).
 
     Raises:
         ConfigError: for an unknown family.

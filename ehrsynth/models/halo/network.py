@@ -106,13 +106,18 @@ class Block(nn.Module):
 
 
 class CoarseTransformer(nn.Module):
-    """Visit-level causal transformer: rows (B, T, C) -> h (B, T, d), h_t depending on rows <= t only."""
+    """Visit-level causal transformer: rows (B, T, C) -> h (B, T, d), h_t depending on rows <= t only.
+
+    With ``tokens=True`` the inputs are token ids (B, T) and ``wte`` an embedding table (the timeline family's
+    use): the same transformer, a one-hot row's embedding looked up instead of multiplied.
+    """
 
     def __init__(self, n_columns: int, n_embd: int, n_head: int, n_layer: int, n_ctx: int, *,
-                 dropout: float = 0.0, eps: float = 1e-5) -> None:
+                 dropout: float = 0.0, eps: float = 1e-5, tokens: bool = False) -> None:
         super().__init__()
         self.n_head, self.n_ctx = n_head, n_ctx
-        self.wte = nn.Linear(n_columns, n_embd, bias=False)  # the visit embedding of the multi-hot row
+        # the visit embedding of the multi-hot row, or of the token
+        self.wte = nn.Embedding(n_columns, n_embd) if tokens else nn.Linear(n_columns, n_embd, bias=False)
         self.wpe = nn.Embedding(n_ctx, n_embd)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, eps) for _ in range(n_layer))
@@ -126,8 +131,8 @@ class CoarseTransformer(nn.Module):
                 nn.init.zeros_(p)
 
     def new_cache(self, batch: int) -> KVCache:
-        ref = self.wte.weight
-        d = ref.shape[0]
+        ref = self.wpe.weight
+        d = ref.shape[1]
         return KVCache(len(self.blocks), batch, self.n_head, self.n_ctx, d // self.n_head,
                        device=ref.device, dtype=ref.dtype)
 

@@ -1,0 +1,67 @@
+"""The timeline transformer's architecture and token settings (training settings are the shared TrainConfig)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ehrsynth.errors import ConfigError
+from ehrsynth.models.halo.config import DEFAULT_AGE_EDGES, DEFAULT_GAP_EDGES
+
+
+@dataclass(frozen=True)
+class TimelineConfig:
+    """A causal transformer over a patient's whole token sequence (CEHR-GPT style; see :mod:`.tokens`).
+
+    The defaults are HALO's paper width (12 layers, 12 heads, 768) over a 512-token window; :meth:`small` gives
+    2 layers / 4 heads / 128 over 256 tokens.
+
+    Attributes:
+        n_layer, n_head, n_embd: the transformer (HALO's coarse module, fed token embeddings).
+        n_ctx: tokens per record, [BOS] and [EOS] included; longer records keep their last visits (counted in
+            ``meta.extra``), and a visit longer than the whole window keeps its lowest code ids.
+        dropout, layer_norm_eps: as HALO's.
+        use_labels, use_sex: put the corpus labels / sex into the prompt.
+        age_bucket_edges: lower edges (years) of the age-at-first-visit buckets; ``()`` disables the age token.
+        gap_bin_edges: lower edges (days) of the gap bins; a gap token opens every visit after the first, so
+            at least one bin is required (it is also what separates visits).
+    """
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_ctx: int = 512
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    use_labels: bool = True
+    use_sex: bool = True
+    age_bucket_edges: tuple[float, ...] = DEFAULT_AGE_EDGES
+    gap_bin_edges: tuple[float, ...] = DEFAULT_GAP_EDGES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "age_bucket_edges", tuple(float(e) for e in self.age_bucket_edges))
+        object.__setattr__(self, "gap_bin_edges", tuple(float(e) for e in self.gap_bin_edges))
+        for name in ("n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd!r}) must be a multiple of n_head ({self.n_head!r})")
+        if not isinstance(self.n_ctx, int) or self.n_ctx < 8:
+            raise ConfigError(f"n_ctx must be an integer >= 8 tokens, got {self.n_ctx!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if not self.gap_bin_edges:
+            raise ConfigError("gap_bin_edges must hold at least one edge: gap tokens separate the visits")
+        for name in ("age_bucket_edges", "gap_bin_edges"):
+            edges = getattr(self, name)
+            if any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ConfigError(f"{name} must be finite, strictly increasing lower edges, got {edges!r}")
+
+    @classmethod
+    def small(cls, **overrides: Any) -> TimelineConfig:
+        """2 layers, 4 heads, width 128, 256 tokens, plus any ``overrides``."""
+        return replace(cls(n_layer=2, n_head=4, n_embd=128, n_ctx=256), **overrides)
