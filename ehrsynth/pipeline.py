@@ -404,7 +404,8 @@ DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
                      "checkpoint_every": 250, "lr_schedule": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.1},
     },
     "ehrdiff": {
-        "model": MODEL_PRESETS["ehrdiff"]["small"],
+        # model_statics: sex and labels are generated with the codes, so the demo's records are not sex-less
+        "model": {**MODEL_PRESETS["ehrdiff"]["small"], "model_statics": True},
         "training": {"batch_size": 256, "lr": 1e-3, "max_steps": 1500, "eval_every": 250, "checkpoint_every": 250},
     },
     "timeline": {
