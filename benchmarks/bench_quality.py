@@ -153,6 +153,44 @@ def print_table(results: dict[str, dict[str, Any]], variants: list[str]) -> None
             print("| " + " | ".join(row) + " |")
 
 
+def acceptance(results: dict[str, dict[str, Any]], halo: str = "halo", ehrdiff: str = "ehrdiff") -> list[str]:
+    """Issue 11's acceptance items, judged on the mean over the seeds of the default variants."""
+    lines = []
+
+    def mean(runs: list[dict[str, float]], name: str) -> float:
+        return statistics.fmean(run[name] for run in runs)
+
+    def check(dataset: str, what: str, value: float, ok: bool, bound: str) -> None:
+        lines.append(f"| {dataset} | {what} | {value:.3f} | {bound} | {'yes' if ok else 'NO'} |")
+
+    for dataset, result in results.items():
+        ceiling, runs = result["ceiling"], result["runs"].get(halo)
+        if runs:
+            for name in ("empty visit share", "undated visit share"):
+                check(dataset, f"HALO {name}", mean(runs, name), mean(runs, name) == 0, "0")
+            gap = abs(mean(runs, "unknown sex share") - ceiling["unknown sex share, train"])
+            check(dataset, "HALO unknown sex share - real", gap, gap <= 0.01, "<= 0.010")
+            for name, base in (("TV codes per visit", 0.05), ("TV visits per patient", 0.08),
+                               ("TV log2 gap days", 0.08)):
+                bound = ceiling[name] + 0.03 if dataset.startswith("mimic") else base
+                check(dataset, f"HALO {name}", mean(runs, name), mean(runs, name) <= bound, f"<= {bound:.3f}")
+            for name, slack in (("visit_code R2", 0.02), ("record_code R2", 0.02), ("visit_pair r", 0.05)):
+                bound = ceiling[name] - slack
+                check(dataset, f"HALO {name}", mean(runs, name), mean(runs, name) >= bound, f">= {bound:.3f}")
+            if dataset == "gibleed":
+                auroc = mean(runs, "detection AUROC")
+                check(dataset, "HALO detection AUROC", auroc, auroc <= 0.60, "<= 0.600")
+                ratio = mean(runs, "TSTR AUROC") / mean(runs, "TRTR AUROC")
+                check(dataset, "HALO TSTR / TRTR", ratio, ratio >= 0.95, ">= 0.950")
+        runs = result["runs"].get(ehrdiff)
+        if runs and dataset == "gibleed":
+            nzc, real = mean(runs, "NZC"), mean(runs, "NZC train")
+            check(dataset, "EHRDiff NZC", nzc, nzc == real, f"= {real:.0f}")
+            auroc = mean(runs, "detection AUROC")
+            check(dataset, "EHRDiff detection AUROC", auroc, auroc <= 0.65, "<= 0.650")
+    return ["| data set | item (mean over seeds) | value | bound | met |", "|---|---|---|---|---|"] + lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -165,8 +203,16 @@ def main() -> None:
                         help="training overrides (TrainConfig fields), e.g. max_steps=200")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write every per-seed figure here")
+    parser.add_argument("--table-from", nargs="+", type=Path, metavar="JSON",
+                        help="print the table of earlier --json files (runs nothing)")
     parser.add_argument("--keep", type=Path, help="keep the trained runs under this folder (DATASET.VARIANT.SEED)")
     args = parser.parse_args()
+    if args.table_from:
+        results = {k: v for path in args.table_from for k, v in json.loads(path.read_text()).items()}
+        print_table(results, args.variants)
+        print()
+        print("\n".join(acceptance(results)))
+        return
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
     results: dict[str, dict[str, Any]] = {}
@@ -188,6 +234,8 @@ def main() -> None:
         results[dataset] = result
     print()
     print_table(results, args.variants)
+    print()
+    print("\n".join(acceptance(results)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
