@@ -133,7 +133,8 @@ def cell(values: list[float], name: str = "") -> str:
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    digits = 0 if name.startswith(("NZC", "epochs", "best step")) or abs(mean) >= 100 else 1 if name.endswith(" s") else 3
+    whole = name.startswith(("NZC", "epochs", "best step")) or abs(mean) >= 100
+    digits = 0 if whole else 1 if name.endswith(" s") else 3
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
