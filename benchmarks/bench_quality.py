@@ -18,8 +18,9 @@ against the flattened real data, beside a flattened ceiling.
 Metrics: HALO's five R^2 and the Pearson r beside each (R^2 is not scale-free), prevalence Pearson r and NZC,
 detection AUROC, TSTR and TRTR (logistic, mean AUROC), and the structure of the records -- shares of empty
 visits, undated visits and records with unknown sex, and the total-variation distance between the histograms
-of codes per visit, visits per patient and log2(1 + gap days) (whole bins). Training and sampling time. Each
-cell is the mean +- standard deviation over the seeds. Only aggregates are printed.
+of codes per visit, visits per patient and log2 gap days (``evaluation.structure.structure_fidelity``, the
+numbers ``ehrsynth evaluate`` reports). Training and sampling time. Each cell is the mean +- standard deviation
+over the seeds. Only aggregates are printed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from ehrsynth.data.readers.mimic4 import read_mimic4
 from ehrsynth.data.readers.omop import read_omop
 from ehrsynth.data.readers.synthea import read_synthea
 from ehrsynth.evaluation import fidelity, utility
-from ehrsynth.evaluation.structure import visit_gaps
+from ehrsynth.evaluation.structure import structure_fidelity
 from ehrsynth.pipeline import MODEL_PRESETS, generate_corpus, train_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -60,61 +61,20 @@ DATASETS: dict[str, Callable[[BuildOptions], PatientCorpus]] = {
 HALO_STATISTICS = fidelity.HALO_STATISTICS
 
 
-# ---- structure, computed here -------------------------------------------------------------------------------
-def record_structure_shares(corpus: PatientCorpus) -> dict[str, float]:
-    """Shares of empty visits, of undated visits (unknown day offset) and of records with unknown sex."""
-    n_visits = max(corpus.n_visits, 1)
-    return {
-        "empty visit share": float((corpus.codes_per_visit() == 0).sum() / n_visits),
-        "undated visit share": float(np.isnan(np.asarray(corpus.visit_days, dtype=np.float64)).sum() / n_visits),
-        "unknown sex share": float((np.asarray(corpus.sex) < 0).mean()) if corpus.n_patients else 0.0,
-    }
-
-
-def total_variation(a: np.ndarray, b: np.ndarray) -> float:
-    """Total-variation distance between the histograms of two integer samples (NaN when either is empty)."""
-    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
-    if len(a) == 0 or len(b) == 0:
-        return float("nan")
-    low = min(a.min(), b.min())
-    size = max(a.max(), b.max()) - low + 1
-    p = np.bincount(a - low, minlength=size) / len(a)
-    q = np.bincount(b - low, minlength=size) / len(b)
-    return float(0.5 * np.abs(p - q).sum())
-
-
-def record_structure_distances(real: PatientCorpus, other: PatientCorpus) -> dict[str, float]:
-    """TV distances of the codes-per-visit, visits-per-patient and log2(1 + gap days) histograms."""
-    def log_gaps(corpus: PatientCorpus) -> np.ndarray:
-        return np.floor(np.log2(1.0 + np.maximum(visit_gaps(corpus), 0.0)))
-
-    return {
-        "TV codes per visit": total_variation(real.codes_per_visit(), other.codes_per_visit()),
-        "TV visits per patient": total_variation(real.visits_per_patient(), other.visits_per_patient()),
-        "TV log2 gap days": total_variation(log_gaps(real), log_gaps(other)),
-    }
-
-
-def halo_pearson(real: PatientCorpus, other: PatientCorpus) -> dict[str, float]:
-    """Pearson r of each of HALO's statistics (the values :func:`fidelity.halo_fidelity` takes R^2 of)."""
-    out = {}
-    for name, (x, y) in fidelity.halo_statistics(real, other).items():
-        ok = len(x) >= 2 and np.std(x) > 0 and np.std(y) > 0
-        out[f"{name} r"] = float(np.corrcoef(x, y)[0, 1]) if ok else float("nan")
-    return out
-
-
 # ---- one comparison -----------------------------------------------------------------------------------------
 def score(train: PatientCorpus, other: PatientCorpus, *, seed: int) -> dict[str, float]:
     """Every fidelity and structure metric of ``other`` against ``train`` (either synthetic or the holdout)."""
     halo = fidelity.halo_fidelity(train, other)
     prevalence = fidelity.prevalence_fidelity(train, other)
+    shape = structure_fidelity(train, other)
     out = {f"{name} R2": float(getattr(halo, f"{name}_r2")) for name in HALO_STATISTICS}
-    out.update(halo_pearson(train, other))
+    out.update({f"{name} r": float(getattr(halo, f"{name}_pearson")) for name in HALO_STATISTICS})
     out.update({"prevalence r": prevalence.pearson, "NZC": float(prevalence.nzc_synthetic),
                 "NZC train": float(prevalence.nzc_real)})
-    out.update(record_structure_shares(other))
-    out.update(record_structure_distances(train, other))
+    out.update({"empty visit share": shape.empty_visit_share, "undated visit share": shape.undated_visit_share,
+                "unknown sex share": shape.unknown_sex_share, "unknown sex share, train": shape.unknown_sex_share_real,
+                "TV codes per visit": shape.codes_per_visit_tv, "TV visits per patient": shape.visits_per_patient_tv,
+                "TV log2 gap days": shape.log2_gap_days_tv})
     out["detection AUROC"] = fidelity.detection_auroc(train, other, seed=seed).auroc
     return out
 
@@ -148,18 +108,21 @@ def run_variant(corpus: PatientCorpus, variant: str, seed: int, args: argparse.N
     family, overrides = parse_variant(variant)
     train, test = corpus.part("train"), corpus.part("test")
     with tempfile.TemporaryDirectory(prefix="bench-quality.") as tmp:
+        run_dir = args.keep / f"{args.dataset}.{variant}.{seed}" if args.keep else Path(tmp) / "run"
         start = time.perf_counter()
-        train_model(family, corpus, Path(tmp) / "run", model_options={**MODEL_PRESETS[family][args.preset],
+        result = train_model(family, corpus, run_dir, model_options={**MODEL_PRESETS[family][args.preset],
                                                                        **overrides},
-                    training_options={**parse_pairs(args.train), "seed": seed}, progress=False)
+                    training_options={**parse_pairs(args.train), "seed": seed}, progress=False, overwrite=True)
         trained = time.perf_counter() - start
         start = time.perf_counter()
-        synthetic = generate_corpus(Path(tmp) / "run", train.n_patients, seed=seed, progress=False)
+        synthetic = generate_corpus(run_dir, train.n_patients, seed=seed, progress=False)
         sampled = time.perf_counter() - start
     real = train if family == "halo" else train.flatten_visits()
     out = score(real, synthetic, seed=seed)
     out.update(tstr(train, test, synthetic, seed=seed))
-    out.update({"train s": trained, "sample s": sampled, "patients/s": train.n_patients / max(sampled, 1e-9)})
+    out.update({"train s": trained, "sample s": sampled, "patients/s": train.n_patients / max(sampled, 1e-9),
+                "epochs": float(result.epochs_completed), "best step": float(result.best_step or 0),
+                "stopped early": float(result.stopped_early), "out of time": float(result.out_of_time)})
     return out
 
 
@@ -170,7 +133,8 @@ def cell(values: list[float], name: str = "") -> str:
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    digits = 0 if name.startswith("NZC") or abs(mean) >= 100 else 1 if name.endswith(" s") else 3
+    whole = name.startswith(("NZC", "epochs", "best step")) or abs(mean) >= 100
+    digits = 0 if whole else 1 if name.endswith(" s") else 3
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
@@ -190,6 +154,44 @@ def print_table(results: dict[str, dict[str, Any]], variants: list[str]) -> None
             print("| " + " | ".join(row) + " |")
 
 
+def acceptance(results: dict[str, dict[str, Any]], halo: str = "halo", ehrdiff: str = "ehrdiff") -> list[str]:
+    """Issue 11's acceptance items, judged on the mean over the seeds of the default variants."""
+    lines = []
+
+    def mean(runs: list[dict[str, float]], name: str) -> float:
+        return statistics.fmean(run[name] for run in runs)
+
+    def check(dataset: str, what: str, value: float, ok: bool, bound: str) -> None:
+        lines.append(f"| {dataset} | {what} | {value:.3f} | {bound} | {'yes' if ok else 'NO'} |")
+
+    for dataset, result in results.items():
+        ceiling, runs = result["ceiling"], result["runs"].get(halo)
+        if runs:
+            for name in ("empty visit share", "undated visit share"):
+                check(dataset, f"HALO {name}", mean(runs, name), mean(runs, name) == 0, "0")
+            gap = abs(mean(runs, "unknown sex share") - ceiling["unknown sex share, train"])
+            check(dataset, "HALO unknown sex share - real", gap, gap <= 0.01, "<= 0.010")
+            for name, base in (("TV codes per visit", 0.05), ("TV visits per patient", 0.08),
+                               ("TV log2 gap days", 0.08)):
+                bound = max(base, ceiling[name] + 0.03) if dataset.startswith("mimic") else base
+                check(dataset, f"HALO {name}", mean(runs, name), mean(runs, name) <= bound, f"<= {bound:.3f}")
+            for name, slack in (("visit_code R2", 0.02), ("record_code R2", 0.02), ("visit_pair r", 0.05)):
+                bound = ceiling[name] - slack
+                check(dataset, f"HALO {name}", mean(runs, name), mean(runs, name) >= bound, f">= {bound:.3f}")
+            if dataset == "gibleed":
+                auroc = mean(runs, "detection AUROC")
+                check(dataset, "HALO detection AUROC", auroc, auroc <= 0.60, "<= 0.600")
+                ratio = mean(runs, "TSTR AUROC") / mean(runs, "TRTR AUROC")
+                check(dataset, "HALO TSTR / TRTR", ratio, ratio >= 0.95, ">= 0.950")
+        runs = result["runs"].get(ehrdiff)
+        if runs and dataset == "gibleed":
+            nzc, real = mean(runs, "NZC"), mean(runs, "NZC train")
+            check(dataset, "EHRDiff NZC", nzc, nzc == real, f"= {real:.0f}")
+            auroc = mean(runs, "detection AUROC")
+            check(dataset, "EHRDiff detection AUROC", auroc, auroc <= 0.65, "<= 0.650")
+    return ["| data set | item (mean over seeds) | value | bound | met |", "|---|---|---|---|---|"] + lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
@@ -202,11 +204,21 @@ def main() -> None:
                         help="training overrides (TrainConfig fields), e.g. max_steps=200")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write every per-seed figure here")
+    parser.add_argument("--table-from", nargs="+", type=Path, metavar="JSON",
+                        help="print the table of earlier --json files (runs nothing)")
+    parser.add_argument("--keep", type=Path, help="keep the trained runs under this folder (DATASET.VARIANT.SEED)")
     args = parser.parse_args()
+    if args.table_from:
+        results = {k: v for path in args.table_from for k, v in json.loads(path.read_text()).items()}
+        print_table(results, args.variants)
+        print()
+        print("\n".join(acceptance(results)))
+        return
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
     results: dict[str, dict[str, Any]] = {}
     for dataset in args.datasets:
+        args.dataset = dataset
         corpus = DATASETS[dataset](BuildOptions(max_visits=MAX_VISITS, seed=args.split_seed))
         train, test = corpus.part("train"), corpus.part("test")
         print(f"[{dataset}] {train.n_patients} train / {test.n_patients} test patients", flush=True)
@@ -223,6 +235,8 @@ def main() -> None:
         results[dataset] = result
     print()
     print_table(results, args.variants)
+    print()
+    print("\n".join(acceptance(results)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
