@@ -125,11 +125,13 @@ def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def clipped_gradient_sum(model: torch.nn.Module, corpus: Any, patients: np.ndarray,
-                         max_grad_norm: float) -> tuple[list[torch.Tensor], np.ndarray]:
+def clipped_gradient_sum(model: torch.nn.Module, corpus: Any, patients: np.ndarray, max_grad_norm: float,
+                         generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], np.ndarray]:
     """Sum over ``patients`` of each patient's loss gradient clipped to L2 norm ``max_grad_norm``.
 
-    Each patient is collated alone, so no packed sequence mixes two patients in one gradient.
+    Each patient is collated alone, so no packed sequence mixes two patients in one gradient. ``generator``
+    feeds a model whose loss is random (EHRDiff's noise levels); without it such a model would draw the same
+    noise for every patient at every step.
 
     Returns:
         (per-parameter sums, (B,) the patients' unclipped gradient norms).
@@ -139,8 +141,13 @@ def clipped_gradient_sum(model: torch.nn.Module, corpus: Any, patients: np.ndarr
     device = params[0].device
     total = [torch.zeros_like(p) for p in params]
     norms = np.zeros(len(patients))
+    if generator is not None and generator.device != device:  # the model draws on its own device
+        generator = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
     for i, patient in enumerate(patients):
-        loss = model(_on_device(model.collate(view.corpus, view.patients[[patient]]), device))  # forward = loss
+        batch = _on_device(model.collate(view.corpus, view.patients[[patient]]), device)
+        if generator is not None:
+            batch["generator"] = generator
+        loss = model(batch)  # forward = loss
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
@@ -163,8 +170,8 @@ def dp_step(model: torch.nn.Module, corpus: Any, n_patients: int, config: DPConf
         return None
     patients = poisson_sample(n_patients, accountant.q, generator)
     params = [p for p in model.parameters() if p.requires_grad]
-    total, norms = (clipped_gradient_sum(model, corpus, patients, config.max_grad_norm) if len(patients)
-                    else ([torch.zeros_like(p) for p in params], np.zeros(0)))
+    total, norms = (clipped_gradient_sum(model, corpus, patients, config.max_grad_norm, generator)
+                    if len(patients) else ([torch.zeros_like(p) for p in params], np.zeros(0)))
     expected = accountant.q * n_patients
     std = accountant.noise_multiplier * config.max_grad_norm
     for p, t in zip(params, total):
