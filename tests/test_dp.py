@@ -120,3 +120,30 @@ def test_training_loop_hook_spends_and_resumes(mimic3_corpus, tmp_path):
     assert again.steps == 2 and again.stopped_early
     assert resumed["noise_multiplier"] < json.loads((tmp_path / "a" / "checkpoint" / "loop.json").read_text())[
         "dp"]["noise_multiplier"]  # 4 planned steps need more noise than 2
+
+
+def test_ehrdiff_vectorised_clipping_equals_one_patient_at_a_time(mimic3_corpus):
+    """EHRDiff's per-patient gradients come from torch.func (vmap of grad) in chunks; with the same drawn noise
+    they equal gradients taken one patient at a time, clipped, to 1e-5; and each patient gets its own draw."""
+    from ehrsynth.models.ehrdiff.model import EHRDiffConfig, EHRDiffModel
+
+    train = mimic3_corpus.part("train")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = EHRDiffModel.from_corpus(train, EHRDiffConfig(hidden_dims=(32, 16, 32), time_dim=16, fourier_dim=8))
+    model.train()
+    patients = np.array([0, 5, 17, 40, 41])
+    drawn = model.draw_training_noise(model.collate(train, patients), torch.Generator().manual_seed(4))
+    assert len(set(drawn["sigma"].tolist())) == len(patients)  # not one shared noise level
+    singles = []
+    for i in range(len(patients)):
+        model.zero_grad()
+        model({k: v[i:i + 1] for k, v in drawn.items()}).backward()
+        singles.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    norms = [float(torch.sqrt(sum(g.pow(2).sum() for g in grads))) for grads in singles]
+    for bound in (1e6, 0.5 * min(norms)):
+        total, got = dp._vectorised_clipped_sum(model, drawn, bound, chunk=2)  # chunks of 2, 2, 1 rows
+        np.testing.assert_allclose(got, norms, rtol=1e-5)
+        for k, t in enumerate(total):
+            expected = sum(g[k] * min(1.0, bound / n) for g, n in zip(singles, norms))
+            torch.testing.assert_close(t, expected, atol=1e-5, rtol=1e-5)
