@@ -147,3 +147,28 @@ def test_ehrdiff_vectorised_clipping_equals_one_patient_at_a_time(mimic3_corpus)
         for k, t in enumerate(total):
             expected = sum(g[k] * min(1.0, bound / n) for g, n in zip(singles, norms))
             torch.testing.assert_close(t, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_report_shows_the_epsilon_spent(mimic3_corpus, tmp_path):
+    """evaluate --model on a DP run: metrics.json and report.html carry the spent epsilon; without --model the
+    entry says "not applicable" (never a number)."""
+    import json
+
+    from ehrsynth.pipeline import evaluate_to, generate_corpus, train_model
+
+    options = {"batch_size": 8, "max_steps": 2, "dp_epsilon": 5.0, "device": "cpu", "seed": 0}
+    train_model("halo", mimic3_corpus, tmp_path / "run", model_options={"n_layer": 1, "n_head": 2, "n_embd": 16,
+                                                                        "n_ctx": 20},
+                training_options=options, progress=False)
+    synthetic = generate_corpus(tmp_path / "run", 30, seed=0, progress=False)
+    train, test = mimic3_corpus.part("train"), mimic3_corpus.part("test")
+    evaluate_to(train, test, synthetic, tmp_path / "report", model_dir=tmp_path / "run", bootstrap=0, privacy_n=50)
+    spent = json.loads((tmp_path / "run" / "model" / "model.json").read_text())["meta"]["extra"]["dp"]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["differential_privacy"]["epsilon_spent"] == spent["epsilon_spent"]
+    assert 0 < spent["epsilon_spent"] <= 5.0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "Differential privacy: epsilon spent" in page and f"{spent['epsilon_spent']:.3f}" in page
+    evaluate_to(train, test, synthetic, tmp_path / "plain", bootstrap=0, privacy_n=50)
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())["differential_privacy"]
+    assert plain["epsilon_spent"] is None and "no --model" in plain["not_applicable"]

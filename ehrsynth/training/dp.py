@@ -19,6 +19,7 @@ epsilon goes into the model's ``meta.extra["dp"]`` (so into ``model.json``).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,7 @@ def rdp_epsilon(q: float, noise_multiplier: float, steps: int, delta: float) -> 
     """epsilon after ``steps`` Poisson-sampled Gaussian steps (rate q, noise sigma), by the RDP accountant."""
     from dp_accounting import dp_event, rdp
 
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orders whose series does not converge are dropped, loudly
     if steps == 0:
         return 0.0
     accountant = rdp.RdpAccountant()
