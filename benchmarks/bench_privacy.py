@@ -8,14 +8,15 @@ Data: GiBleed OMOP conditions (shared/data/omop-gibleed) and MIMIC-III demo diag
 last 45 visits, the default seeded 72/8/20 split, every training code kept (min_patients 1, the research
 profile, so the vocabulary is the same for every epsilon and attribute inference has codes to hide).
 
-Per (data set, family) every epsilon in ``--epsilons`` ("none" = no DP) trains the same number of optimizer steps
-(``--steps``, no early stopping, one validation at the end) with the same batch size (HALO 48 patients,
-EHRDiff 32: its DP step costs about 17 ms per patient on one CPU thread) and learning rate, delta fixed at
-1/N^1.1 for the N training patients (the CLI default), clipping norm C = 1. The noise multiplier is the
-smallest that spends epsilon in those steps at rate q = batch / N. Then as many patients as the training part are generated and scored by ``ehrsynth evaluate``'s own path
-(:func:`ehrsynth.pipeline.evaluate_to`, no bootstrap): the fidelity headline (prevalence Pearson r, per-visit
-code R^2, structure TVs), the best membership AUROC over every attack that ran, and seconds per training step,
-with its ratio to the non-DP run of the same invocation. Only aggregates are printed.
+Per (data set, family) every epsilon in ``--epsilons`` ("none" = no DP) trains the same number of optimizer
+steps (``--steps``, no early stopping, one validation at the end) with the same batch size (HALO 48 patients,
+EHRDiff 32) and learning rate; delta is fixed at 1/N^1.1 for the N training patients (the CLI default), the
+clipping norm at C = 1, and the noise multiplier is the smallest that spends epsilon in those steps at rate
+q = batch / N. Then as many patients as the training part are generated and scored by ``ehrsynth evaluate``'s
+own path (:func:`ehrsynth.pipeline.evaluate_to`, no bootstrap): the fidelity headline (prevalence Pearson r,
+per-visit code R^2, structure TVs), the best membership AUROC over every attack that ran, and wall seconds per
+training step (the whole ``train_model`` call over its steps: setup and the final validation included), with
+its ratio to the non-DP run of the same invocation. Only aggregates are printed.
 """
 
 from __future__ import annotations
@@ -86,6 +87,42 @@ def run_one(dataset: str, family: str, epsilon: float | None, steps: int, thread
             "best membership AUROC": auroc, "best attack": attack, "train patients": train.n_patients}
 
 
+def step_cost(dataset: str, family: str, repeats: int, threads: int) -> dict[str, Any]:
+    """Median seconds of a non-DP and a DP gradient step on the same model and batch size, interleaved (one of
+    each per repeat) so the machine's load hits both alike: the fair form of the table's time ratio."""
+    import statistics
+
+    import numpy as np
+
+    from ehrsynth.models import model_class
+    from ehrsynth.training import dp
+
+    torch.set_num_threads(threads)
+    warnings.simplefilter("ignore")
+    train = DATASETS[dataset]().part("train")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = model_class(family).from_corpus(train, model_class(family).config_class(
+            **MODEL_PRESETS[family]["small"]))
+    model.train()
+    batch_size, generator = TRAINING[family]["batch_size"], torch.Generator().manual_seed(0)
+    accountant = dp.PrivacyAccountant(min(1.0, batch_size / train.n_patients), 1.0, 1e-5)
+    config = dp.DPConfig(epsilon=1e9)
+    plain, private = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        batch = model.collate(train, np.sort(np.random.default_rng(0).choice(train.n_patients, batch_size,
+                                                                           replace=False)))
+        model.zero_grad()
+        model({**batch, "generator": generator}).backward()
+        plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        dp.dp_step(model, train, train.n_patients, config, accountant, generator)
+        private.append(time.perf_counter() - start)
+    return {"dataset": dataset, "family": family, "plain": statistics.median(plain),
+            "private": statistics.median(private)}
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -117,7 +154,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads per process")
     parser.add_argument("--processes", type=int, default=2, help="settings run in parallel")
     parser.add_argument("--json", type=Path, help="also write every row here")
+    parser.add_argument("--step-cost", type=int, default=0, metavar="REPEATS",
+                        help="only time interleaved non-DP and DP gradient steps, REPEATS of each")
     args = parser.parse_args()
+    if args.step_cost:
+        print("| data set | model | batch | non-DP s/step | DP s/step | x non-DP |\n|---|---|---|---|---|---|")
+        for dataset in args.datasets:
+            for family in args.families:
+                r = step_cost(dataset, family, args.step_cost, args.threads)
+                print(f"| {dataset} | {family} | {TRAINING[family]['batch_size']} | {r['plain']:.3f} | "
+                      f"{r['private']:.3f} | {r['private'] / r['plain']:.1f} |", flush=True)
+        return
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     settings = [(d, f, e, args.steps, args.threads) for d in args.datasets for f in args.families for e in epsilons]
     rows = []
