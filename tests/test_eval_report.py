@@ -46,6 +46,7 @@ def test_report_holds_every_section_and_number(gibleed, tmp_path):
     assert meta["privacy_reference_patients"] == [215, 324]   # 539 holdout patients cut for the privacy ceiling
     expected = {"halo", "prevalence", "cmd", "mmd", "structure", "detection", "utility", "membership",
                 "attribute", "nnaa", "dcr", "exact_copies"}
+    expected |= {"membership_domias", "rare_code_exposure"}  # the privacy-risk attacks (issue 14) have ceilings too
     assert expected <= set(metrics) and expected - {"utility"} == set(metrics["ceiling"])
     # two random parts of the same real data: fidelity high, privacy attack at chance, no structural flaw
     assert metrics["prevalence"]["pearson"] > 0.99 and metrics["ceiling"]["prevalence"]["pearson"] > 0.99
