@@ -345,7 +345,9 @@ def evaluate_to(
     if flattened:  # a patient-level generator (EHRDiff): compare it with patient-level real data
         train, test = train.flatten_visits(), test.flatten_visits()
     loglik = None
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"differential_privacy": {  # replaced below when the model is given
+        "metric": "privacy.differential_privacy", "epsilon_spent": None,
+        "not_applicable": "no --model given: the privacy budget is read from the model's model.json"}}
     if model_dir is not None:
         model = load_model(model_dir)
         spent = model.meta.extra.get("dp")  # written by DP-SGD training (ehrsynth/training/dp.py)

@@ -120,3 +120,55 @@ def test_training_loop_hook_spends_and_resumes(mimic3_corpus, tmp_path):
     assert again.steps == 2 and again.stopped_early
     assert resumed["noise_multiplier"] < json.loads((tmp_path / "a" / "checkpoint" / "loop.json").read_text())[
         "dp"]["noise_multiplier"]  # 4 planned steps need more noise than 2
+
+
+def test_ehrdiff_vectorised_clipping_equals_one_patient_at_a_time(mimic3_corpus):
+    """EHRDiff's per-patient gradients come from torch.func (vmap of grad) in chunks; with the same drawn noise
+    they equal gradients taken one patient at a time, clipped, to 1e-5; and each patient gets its own draw."""
+    from ehrsynth.models.ehrdiff.model import EHRDiffConfig, EHRDiffModel
+
+    train = mimic3_corpus.part("train")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = EHRDiffModel.from_corpus(train, EHRDiffConfig(hidden_dims=(32, 16, 32), time_dim=16, fourier_dim=8))
+    model.train()
+    patients = np.array([0, 5, 17, 40, 41])
+    drawn = model.draw_training_noise(model.collate(train, patients), torch.Generator().manual_seed(4))
+    assert len(set(drawn["sigma"].tolist())) == len(patients)  # not one shared noise level
+    singles = []
+    for i in range(len(patients)):
+        model.zero_grad()
+        model({k: v[i:i + 1] for k, v in drawn.items()}).backward()
+        singles.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    norms = [float(torch.sqrt(sum(g.pow(2).sum() for g in grads))) for grads in singles]
+    for bound in (1e6, 0.5 * min(norms)):
+        total, got = dp._vectorised_clipped_sum(model, drawn, bound, chunk=2)  # chunks of 2, 2, 1 rows
+        np.testing.assert_allclose(got, norms, rtol=1e-5)
+        for k, t in enumerate(total):
+            expected = sum(g[k] * min(1.0, bound / n) for g, n in zip(singles, norms))
+            torch.testing.assert_close(t, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_report_shows_the_epsilon_spent(mimic3_corpus, tmp_path):
+    """evaluate --model on a DP run: metrics.json and report.html carry the spent epsilon; without --model the
+    entry says "not applicable" (never a number)."""
+    import json
+
+    from ehrsynth.pipeline import evaluate_to, generate_corpus, train_model
+
+    options = {"batch_size": 8, "max_steps": 2, "dp_epsilon": 5.0, "device": "cpu", "seed": 0}
+    train_model("halo", mimic3_corpus, tmp_path / "run", model_options={"n_layer": 1, "n_head": 2, "n_embd": 16,
+                                                                        "n_ctx": 20},
+                training_options=options, progress=False)
+    synthetic = generate_corpus(tmp_path / "run", 30, seed=0, progress=False)
+    train, test = mimic3_corpus.part("train"), mimic3_corpus.part("test")
+    evaluate_to(train, test, synthetic, tmp_path / "report", model_dir=tmp_path / "run", bootstrap=0, privacy_n=50)
+    spent = json.loads((tmp_path / "run" / "model" / "model.json").read_text())["meta"]["extra"]["dp"]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["differential_privacy"]["epsilon_spent"] == spent["epsilon_spent"]
+    assert 0 < spent["epsilon_spent"] <= 5.0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "Differential privacy: epsilon spent" in page and f"{spent['epsilon_spent']:.3f}" in page
+    evaluate_to(train, test, synthetic, tmp_path / "plain", bootstrap=0, privacy_n=50)
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())["differential_privacy"]
+    assert plain["epsilon_spent"] is None and "no --model" in plain["not_applicable"]

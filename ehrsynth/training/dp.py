@@ -19,6 +19,7 @@ epsilon goes into the model's ``meta.extra["dp"]`` (so into ``model.json``).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,7 @@ def rdp_epsilon(q: float, noise_multiplier: float, steps: int, delta: float) -> 
     """epsilon after ``steps`` Poisson-sampled Gaussian steps (rate q, noise sigma), by the RDP accountant."""
     from dp_accounting import dp_event, rdp
 
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orders whose series does not converge are dropped, loudly
     if steps == 0:
         return 0.0
     accountant = rdp.RdpAccountant()
@@ -125,11 +127,13 @@ def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def clipped_gradient_sum(model: torch.nn.Module, corpus: Any, patients: np.ndarray,
-                         max_grad_norm: float) -> tuple[list[torch.Tensor], np.ndarray]:
+def clipped_gradient_sum(model: torch.nn.Module, corpus: Any, patients: np.ndarray, max_grad_norm: float,
+                         generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], np.ndarray]:
     """Sum over ``patients`` of each patient's loss gradient clipped to L2 norm ``max_grad_norm``.
 
-    Each patient is collated alone, so no packed sequence mixes two patients in one gradient.
+    Each patient is collated alone, so no packed sequence mixes two patients in one gradient. ``generator``
+    feeds a model whose loss is random (EHRDiff's noise levels); without it such a model would draw the same
+    noise for every patient at every step.
 
     Returns:
         (per-parameter sums, (B,) the patients' unclipped gradient norms).
@@ -137,10 +141,18 @@ def clipped_gradient_sum(model: torch.nn.Module, corpus: Any, patients: np.ndarr
     view = CorpusView.of(corpus)
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
+    if generator is not None and generator.device != device:  # the model draws on its own device
+        generator = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    if hasattr(model, "draw_training_noise"):  # a per-row loss (EHRDiff): every patient's gradient at once
+        batch = _on_device(model.collate(view.corpus, view.patients[np.asarray(patients)]), device)
+        return _vectorised_clipped_sum(model, model.draw_training_noise(batch, generator), max_grad_norm)
     total = [torch.zeros_like(p) for p in params]
     norms = np.zeros(len(patients))
     for i, patient in enumerate(patients):
-        loss = model(_on_device(model.collate(view.corpus, view.patients[[patient]]), device))  # forward = loss
+        batch = _on_device(model.collate(view.corpus, view.patients[[patient]]), device)
+        if generator is not None:
+            batch["generator"] = generator
+        loss = model(batch)  # forward = loss
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
@@ -149,6 +161,38 @@ def clipped_gradient_sum(model: torch.nn.Module, corpus: Any, patients: np.ndarr
         for t, g in zip(total, grads):
             t.add_(g * scale)
     return total, norms
+
+
+def _vectorised_clipped_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], max_grad_norm: float,
+                            chunk: int | None = None) -> tuple[list[torch.Tensor], np.ndarray]:
+    """:func:`clipped_gradient_sum` for a model whose loss is a mean over independent rows (one row = one
+    patient, its random draws already in ``batch``): per-row gradients by ``torch.func`` (vmap of grad),
+    ``chunk`` rows at a time so memory stays O(chunk x parameters). On one CPU thread this is only ~15% faster
+    than the loop (the per-row weight gradients are the same work); on a GPU it replaces B tiny launches."""
+    from torch.func import functional_call, grad, vmap
+
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    fixed = {**{name: p.detach() for name, p in model.named_parameters() if not p.requires_grad},
+             **dict(model.named_buffers())}
+    rows = {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
+
+    def row_loss(params: dict[str, torch.Tensor], row: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(model, {**params, **fixed}, ({key: v.unsqueeze(0) for key, v in row.items()},))
+
+    per_row = vmap(grad(row_loss), in_dims=(None, 0))
+    chunk = chunk or (256 if trainable and next(iter(trainable.values())).is_cuda else 16)  # 16: fastest on a CPU
+    total = [torch.zeros_like(p) for p in trainable.values()]
+    norms = []
+    n = next(iter(rows.values())).shape[0]
+    for start in range(0, n, chunk):
+        grads = per_row(trainable, {key: v[start:start + chunk] for key, v in rows.items()})
+        flat = [grads[name].flatten(1) for name in trainable]
+        norm = torch.sqrt(sum(g.pow(2).sum(1) for g in flat))  # (chunk,)
+        scale = torch.clamp(max_grad_norm / (norm + 1e-12), max=1.0)
+        for t, name in zip(total, trainable):
+            t.add_(torch.einsum("b,b...->...", scale, grads[name]))
+        norms.append(norm.detach().cpu().numpy())
+    return total, np.concatenate(norms) if norms else np.zeros(0)
 
 
 def dp_step(model: torch.nn.Module, corpus: Any, n_patients: int, config: DPConfig, accountant: PrivacyAccountant,
@@ -163,8 +207,8 @@ def dp_step(model: torch.nn.Module, corpus: Any, n_patients: int, config: DPConf
         return None
     patients = poisson_sample(n_patients, accountant.q, generator)
     params = [p for p in model.parameters() if p.requires_grad]
-    total, norms = (clipped_gradient_sum(model, corpus, patients, config.max_grad_norm) if len(patients)
-                    else ([torch.zeros_like(p) for p in params], np.zeros(0)))
+    total, norms = (clipped_gradient_sum(model, corpus, patients, config.max_grad_norm, generator)
+                    if len(patients) else ([torch.zeros_like(p) for p in params], np.zeros(0)))
     expected = accountant.q * n_patients
     std = accountant.noise_multiplier * config.max_grad_norm
     for p, t in zip(params, total):

@@ -245,18 +245,27 @@ class EHRDiffModel(GenerativeModel):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The mean EDM loss of a batch (label dropout applies in training mode). Noise levels, noise and label
         dropout are drawn from ``batch["generator"]`` (the loop's); without one, from a generator seeded 0."""
+        if "noise" not in batch:  # pre-drawn by draw_training_noise (DP-SGD's per-patient gradients)
+            batch = self.draw_training_noise(batch, batch.get("generator"))
+        label = batch.get("label") if self.attributes else None
+        loss = self.loss(self.denoiser, batch["x"], label, sigma=batch["sigma"], noise=batch["noise"])  # (B, D)
+        return (loss if self.column_weight is None else loss * self.column_weight).mean()
+
+    def draw_training_noise(self, batch: dict[str, torch.Tensor],
+                            generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """``batch`` with this step's random draws added (``"sigma"`` (B,), ``"noise"`` (B, D)) and label dropout
+        applied: the loss is then a deterministic per-row function, which DP-SGD differentiates row by row."""
         x = batch["x"]
-        generator = batch.get("generator")
         if generator is None:
             generator = torch.Generator(device=x.device).manual_seed(0)
+        out = {key: value for key, value in batch.items() if key != "generator"}
         label = batch.get("label") if self.attributes else None
         if label is not None and self.training and self.config.label_dropout > 0:
-            label = self._drop_labels(label, generator)
-        sigma = (torch.randn(x.shape[0], device=x.device, generator=generator) * self.loss.p_std
-                 + self.loss.p_mean).exp()  # EDM: ln(sigma) ~ N(p_mean, p_std^2)
-        noise = torch.randn(x.shape, device=x.device, generator=generator)
-        loss = self.loss(self.denoiser, x, label, sigma=sigma, noise=noise)  # (B, D)
-        return (loss if self.column_weight is None else loss * self.column_weight).mean()
+            out["label"] = self._drop_labels(label, generator)
+        out["sigma"] = (torch.randn(x.shape[0], device=x.device, generator=generator) * self.loss.p_std
+                        + self.loss.p_mean).exp()  # EDM: ln(sigma) ~ N(p_mean, p_std^2)
+        out["noise"] = torch.randn(x.shape, device=x.device, generator=generator)
+        return out
 
     def _drop_labels(self, label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         p = self.config.label_dropout
