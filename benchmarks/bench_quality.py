@@ -117,7 +117,7 @@ def run_variant(corpus: PatientCorpus, variant: str, seed: int, args: argparse.N
         start = time.perf_counter()
         synthetic = generate_corpus(run_dir, train.n_patients, seed=seed, progress=False)
         sampled = time.perf_counter() - start
-    real = train if family == "halo" else train.flatten_visits()
+    real = train if family != "ehrdiff" else train.flatten_visits()
     out = score(real, synthetic, seed=seed)
     out.update(tstr(train, test, synthetic, seed=seed))
     out.update({"train s": trained, "sample s": sampled, "patients/s": train.n_patients / max(sampled, 1e-9),
