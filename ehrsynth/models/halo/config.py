@@ -69,20 +69,7 @@ class HaloConfig:
     gap_bin_edges: tuple[float, ...] = DEFAULT_GAP_EDGES
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "age_bucket_edges", tuple(float(e) for e in self.age_bucket_edges))
-        object.__setattr__(self, "gap_bin_edges", tuple(float(e) for e in self.gap_bin_edges))
-        positive = {"n_layer": self.n_layer, "n_head": self.n_head, "n_embd": self.n_embd}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd ({self.n_embd!r}) must be a multiple of n_head ({self.n_head!r})")
-        if not isinstance(self.n_ctx, int) or self.n_ctx < 4:
-            raise ConfigError(f"n_ctx must be an integer >= 4 (start, static, one visit, end), got {self.n_ctx!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.layer_norm_eps > 0:
-            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        check_transformer(self, min_ctx=4, ctx_meaning="start, static, one visit, end")
         if self.fine_hidden is not None and (not isinstance(self.fine_hidden, int) or self.fine_hidden < 1):
             raise ConfigError(f"fine_hidden must be None (square reference head) or a positive integer, "
                               f"got {self.fine_hidden!r}")
@@ -90,11 +77,6 @@ class HaloConfig:
             raise ConfigError(f"fine_head must be one of {list(FINE_HEADS)!r}, got {self.fine_head!r}")
         if not isinstance(self.fine_rank, int) or self.fine_rank < 1:
             raise ConfigError(f"fine_rank must be a positive integer, got {self.fine_rank!r}")
-        for name in ("age_bucket_edges", "gap_bin_edges"):
-            edges = getattr(self, name)
-            if any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
-                raise ConfigError(f"{name} must be finite, strictly increasing lower edges (the last bin is "
-                                  f"open-ended), got {edges!r}")
 
     @classmethod
     def small(cls, **overrides: Any) -> HaloConfig:
@@ -105,3 +87,28 @@ class HaloConfig:
     def max_visits(self) -> int:
         """Visits a record can hold: n_ctx minus the start, static and end rows."""
         return self.n_ctx - 3
+
+
+def check_transformer(config: Any, *, min_ctx: int, ctx_meaning: str) -> None:
+    """Validate the transformer fields HALO and the timeline model share (n_layer, n_head, n_embd, n_ctx,
+    dropout, layer_norm_eps) and their bin edges (age_bucket_edges, gap_bin_edges), normalising the edges to
+    float tuples; ``ctx_meaning`` says what ``min_ctx`` stands for in the message."""
+    object.__setattr__(config, "age_bucket_edges", tuple(float(e) for e in config.age_bucket_edges))
+    object.__setattr__(config, "gap_bin_edges", tuple(float(e) for e in config.gap_bin_edges))
+    for name in ("n_layer", "n_head", "n_embd"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if config.n_embd % config.n_head:
+        raise ConfigError(f"n_embd ({config.n_embd!r}) must be a multiple of n_head ({config.n_head!r})")
+    if not isinstance(config.n_ctx, int) or config.n_ctx < min_ctx:
+        raise ConfigError(f"n_ctx must be an integer >= {min_ctx} ({ctx_meaning}), got {config.n_ctx!r}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {config.dropout!r}")
+    if not config.layer_norm_eps > 0:
+        raise ConfigError(f"layer_norm_eps must be > 0, got {config.layer_norm_eps!r}")
+    for name in ("age_bucket_edges", "gap_bin_edges"):
+        edges = getattr(config, name)
+        if any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ConfigError(f"{name} must be finite, strictly increasing lower edges (the last bin is "
+                              f"open-ended), got {edges!r}")

@@ -16,7 +16,7 @@ visits, as in training, and counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -225,3 +225,23 @@ def log_likelihood(
         truncated_patients=int((truncated > 0).sum()),
         truncated_visits=int(truncated.sum()),
     )
+
+
+def perplexity_report(result: Any, corpus: PatientCorpus) -> dict[str, Any]:
+    """The JSON-able summary ``ehrsynth perplexity`` prints, the same keys for every likelihood family (plus
+    ``truncated_codes`` where the family can cut codes, as the timeline model's token window does)."""
+    report = {
+        "per_code_perplexity": result.per_code_perplexity,
+        "per_visit_perplexity": result.per_visit_perplexity,
+        "mean_patient_log_likelihood": float(result.patient_log_likelihood.mean()) if corpus.n_patients
+        else float("nan"),
+        "patients": int(corpus.n_patients),
+        "visits_scored": int(result.patient_visits.sum()),
+        "codes_scored": int(result.patient_codes.sum()),
+        "unknown_code_occurrences": result.unknown_code_occurrences,
+        "truncated_patients": result.truncated_patients,
+        "truncated_visits": result.truncated_visits,
+    }
+    if hasattr(result, "truncated_codes"):
+        report["truncated_codes"] = result.truncated_codes
+    return report

@@ -36,7 +36,7 @@ from ehrsynth.models.halo.config import HaloConfig
 from ehrsynth.models.halo.encoding import (
     STRUCTURE_FLAGS, UNSCORED, ColumnLayout, bin_values, dense_rows, encode_records, input_rows, row_kinds,
 )
-from ehrsynth.models.halo.likelihood import LikelihoodResult, factor_log_likelihood, log_likelihood
+from ehrsynth.models.halo.likelihood import LikelihoodResult, factor_log_likelihood, log_likelihood, perplexity_report
 from ehrsynth.models.halo.network import CoarseTransformer, FineHead, HaloNetwork, packed_mask
 from ehrsynth.models.halo.sampling import Decoding, GenerationConfig, sample, sample_stream
 
@@ -242,19 +242,7 @@ class HaloModel(GenerativeModel):
         per_code = exp(-(sum of visit-row log-likelihoods) / code occurrences), per_visit likewise per visit;
         a visit row's log-likelihood covers all its factors (first step, later codes, gap bin).
         """
-        result = self.log_likelihood(corpus, batch_size=batch_size, unknown=unknown)
-        return {
-            "per_code_perplexity": result.per_code_perplexity,
-            "per_visit_perplexity": result.per_visit_perplexity,
-            "mean_patient_log_likelihood": float(result.patient_log_likelihood.mean()) if corpus.n_patients
-            else float("nan"),
-            "patients": int(corpus.n_patients),
-            "visits_scored": int(result.patient_visits.sum()),
-            "codes_scored": int(result.patient_codes.sum()),
-            "unknown_code_occurrences": result.unknown_code_occurrences,
-            "truncated_patients": result.truncated_patients,
-            "truncated_visits": result.truncated_visits,
-        }
+        return perplexity_report(self.log_likelihood(corpus, batch_size=batch_size, unknown=unknown), corpus)
 
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ehrsynth.errors import ConfigError
-from ehrsynth.models.halo.config import DEFAULT_AGE_EDGES, DEFAULT_GAP_EDGES
+from ehrsynth.models.halo.config import DEFAULT_AGE_EDGES, DEFAULT_GAP_EDGES, check_transformer
 
 
 @dataclass(frozen=True)
@@ -40,26 +39,9 @@ class TimelineConfig:
     gap_bin_edges: tuple[float, ...] = DEFAULT_GAP_EDGES
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "age_bucket_edges", tuple(float(e) for e in self.age_bucket_edges))
-        object.__setattr__(self, "gap_bin_edges", tuple(float(e) for e in self.gap_bin_edges))
-        for name in ("n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd ({self.n_embd!r}) must be a multiple of n_head ({self.n_head!r})")
-        if not isinstance(self.n_ctx, int) or self.n_ctx < 8:
-            raise ConfigError(f"n_ctx must be an integer >= 8 tokens, got {self.n_ctx!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.layer_norm_eps > 0:
-            raise ConfigError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        check_transformer(self, min_ctx=8, ctx_meaning="tokens")
         if not self.gap_bin_edges:
             raise ConfigError("gap_bin_edges must hold at least one edge: gap tokens separate the visits")
-        for name in ("age_bucket_edges", "gap_bin_edges"):
-            edges = getattr(self, name)
-            if any(not math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
-                raise ConfigError(f"{name} must be finite, strictly increasing lower edges, got {edges!r}")
 
     @classmethod
     def small(cls, **overrides: Any) -> TimelineConfig:

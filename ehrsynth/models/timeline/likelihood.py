@@ -102,20 +102,3 @@ def log_likelihood(model: Any, corpus: PatientCorpus, *, batch_size: int = 256,
         unknown_code_occurrences=int(len(gone)), unknown_codes=tuple(corpus.vocab.codes[i] for i in np.unique(gone)),
         truncated_patients=int(((trunc_v + trunc_c) > 0).sum()), truncated_visits=int(trunc_v.sum()),
         truncated_codes=int(trunc_c.sum()))
-
-
-def perplexity_report(result: LikelihoodResult, corpus: PatientCorpus) -> dict[str, Any]:
-    """The JSON-able summary ``ehrsynth perplexity`` prints (HALO's keys, plus ``truncated_codes``)."""
-    return {
-        "per_code_perplexity": result.per_code_perplexity,
-        "per_visit_perplexity": result.per_visit_perplexity,
-        "mean_patient_log_likelihood": float(result.patient_log_likelihood.mean()) if corpus.n_patients
-        else float("nan"),
-        "patients": int(corpus.n_patients),
-        "visits_scored": int(result.patient_visits.sum()),
-        "codes_scored": int(result.patient_codes.sum()),
-        "unknown_code_occurrences": result.unknown_code_occurrences,
-        "truncated_patients": result.truncated_patients,
-        "truncated_visits": result.truncated_visits,
-        "truncated_codes": result.truncated_codes,
-    }

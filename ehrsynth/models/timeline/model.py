@@ -25,7 +25,8 @@ from ehrsynth.models.halo.model import _seed, corpus_structure, unknown_code_nam
 from ehrsynth.models.halo.network import CoarseTransformer, packed_mask
 from ehrsynth.models.halo.sampling import Decoding, GenerationConfig
 from ehrsynth.models.timeline.config import TimelineConfig
-from ehrsynth.models.timeline.likelihood import LikelihoodResult, log_likelihood, perplexity_report
+from ehrsynth.models.halo.likelihood import perplexity_report
+from ehrsynth.models.timeline.likelihood import LikelihoodResult, log_likelihood
 from ehrsynth.models.timeline.sampling import TimelineNetwork, sample_stream
 from ehrsynth.models.timeline.tokens import EncodedTokens, Grammar, encode_tokens
 
