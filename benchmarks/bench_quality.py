@@ -7,8 +7,8 @@ of its data set -- the same metric for the real held-out patients against the re
 
 Per data set (GiBleed OMOP conditions, MIMIC-IV demo diagnoses, MIMIC-III demo diagnoses, Synthea-111
 conditions; histories capped at the last 45 visits, HALO's default window): a seeded patient split
-(``--split-seed``), then for every variant and training seed: train with the family's default training
-(``--train KEY=VALUE`` overrides it, e.g. ``max_steps=200`` for a quick run) on the ``--preset`` architecture,
+(``--split-seed``), then for every variant and training seed: train with the ``--preset``'s network and training
+(``ehrsynth train --preset``; ``--train KEY=VALUE`` overrides it, e.g. ``max_steps=200`` for a quick run),
 generate as many patients as the training part, and score the synthetic patients against the training part.
 
 A variant is ``family[:key=value,...]``: model config overrides parsed as JSON where they parse (``halo``,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -46,7 +47,7 @@ from ehrsynth.data.readers.omop import read_omop
 from ehrsynth.data.readers.synthea import read_synthea
 from ehrsynth.evaluation import fidelity, utility
 from ehrsynth.evaluation.structure import structure_fidelity
-from ehrsynth.pipeline import MODEL_PRESETS, generate_corpus, train_model
+from ehrsynth.pipeline import generate_corpus, preset_options, train_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not DATA.is_dir():
@@ -86,9 +87,9 @@ def tstr(train: PatientCorpus, test: PatientCorpus, synthetic: PatientCorpus, *,
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``'halo:fine_hidden=256,dropout=0.1'`` -> ("halo", {"fine_hidden": 256, "dropout": 0.1})."""
+    """``'halo:fine_hidden=256,gap_bin_edges=[0,7]'`` -> ("halo", {"fine_hidden": 256, "gap_bin_edges": [0, 7]})."""
     family, _, rest = text.partition(":")
-    return family, parse_pairs(rest.split(",") if rest else [])
+    return family, parse_pairs(re.split(r",(?![^\[]*\])", rest) if rest else [])  # not the commas of a [list]
 
 
 def parse_pairs(pairs: list[str]) -> dict[str, Any]:
@@ -110,9 +111,10 @@ def run_variant(corpus: PatientCorpus, variant: str, seed: int, args: argparse.N
     with tempfile.TemporaryDirectory(prefix="bench-quality.") as tmp:
         run_dir = args.keep / f"{args.dataset}.{variant}.{seed}" if args.keep else Path(tmp) / "run"
         start = time.perf_counter()
-        result = train_model(family, corpus, run_dir, model_options={**MODEL_PRESETS[family][args.preset],
-                                                                       **overrides},
-                    training_options={**parse_pairs(args.train), "seed": seed}, progress=False, overwrite=True)
+        preset_model, preset_training = preset_options(family, args.preset)
+        result = train_model(family, corpus, run_dir, model_options={**preset_model, **overrides},
+                             training_options={**preset_training, **parse_pairs(args.train), "seed": seed},
+                             progress=False, overwrite=True)
         trained = time.perf_counter() - start
         start = time.perf_counter()
         synthetic = generate_corpus(run_dir, train.n_patients, seed=seed, progress=False)

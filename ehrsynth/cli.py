@@ -240,8 +240,8 @@ def format_description(summary: dict) -> str:
 @click.option("--nproc", type=click.IntRange(min=1), default=1,
               help="Launch this many processes with torchrun (DDP) on this machine.")
 @click.option("--preset", type=click.Choice(["paper", "small"]), default="paper",
-              help="Architecture preset: the paper's network, or a small one for CPUs and quick runs "
-                   "(--config model options override it).")
+              help="Preset: the paper's network and optimiser, or a small network with a larger learning rate "
+                   "and early stopping for CPUs and quick runs (--config options override it).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration and exit.")
 @click.option("--dp-epsilon", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Train with DP-SGD (per-patient clipping) to this epsilon; training stops before exceeding it.")
@@ -255,10 +255,12 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
                   dp_max_grad_norm, overwrite) -> None:
     """Train MODEL (halo, ehrdiff or timeline) on a corpus; the best model lands in OUT/model."""
     from ehrsynth.outputs import check_output, remove_output
-    from ehrsynth.pipeline import MODEL_PRESETS, RUN_HINT, read_config_file, train_model
+    from ehrsynth.pipeline import RUN_HINT, preset_options, read_config_file, train_model
 
     sections = read_config_file(config_file)
-    sections["model"] = {**MODEL_PRESETS[model][preset], **sections["model"]}
+    preset_model, preset_training = preset_options(model, preset)
+    sections["model"] = {**preset_model, **sections["model"]}
+    sections["training"] = {**preset_training, **sections["training"]}
     overrides = {"max_steps": max_steps, "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
                  "seed": seed, "device": device, "max_time": max_time, "checkpoint_minutes": checkpoint_minutes,
                  "dp_epsilon": dp_epsilon, "dp_delta": dp_delta, "dp_max_grad_norm": dp_max_grad_norm}
@@ -268,7 +270,13 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
     if dry_run:
         from ehrsynth.models import model_class
 
-        resolved = {**model_class(model).default_train_config(), **sections["training"]}
+        from dataclasses import asdict
+
+        from ehrsynth.models.io import config_from_dict
+        from ehrsynth.training.loop import TrainConfig
+
+        resolved = asdict(config_from_dict(TrainConfig, {**model_class(model).default_train_config(),
+                                                         **sections["training"]}))
         click.echo(json.dumps({"model": sections["model"], "training": resolved}, indent=2))
         return
     if int(os.environ.get("RANK", 0)) == 0:

@@ -395,6 +395,24 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "timeline": {"paper": {}, "small": {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_ctx": 256}},
 }
 
+# Training that goes with each preset (TrainConfig fields over the family's paper defaults). The paper networks
+# keep the papers' optimisers. The small networks take a 20x larger step and stop after 5 validations without a
+# better validation likelihood: HALO small at the paper's lr 1e-4 was still improving after 400 epochs on
+# GiBleed, while lr 2e-3 reaches its best likelihood near step 1,000 (about 70 CPU-s; benchmarks/bench_quality.py,
+# docs/benchmarks.md "Training presets").
+TRAINING_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "halo": {"paper": {}, "small": {"batch_size": 32, "lr": 2e-3, "patience": 5}},
+    "ehrdiff": {"paper": {}, "small": {"batch_size": 256, "lr": 1e-3}},
+    "timeline": {"paper": {}, "small": {"batch_size": 32, "lr": 2e-3, "patience": 5}},
+}
+
+
+def preset_options(family: str, preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model options, training options) of ``ehrsynth train FAMILY --preset PRESET``, before any --config."""
+    if family not in MODEL_PRESETS or preset not in MODEL_PRESETS[family]:
+        raise ConfigError(f"no preset {preset!r} for {family!r}; known: {sorted(MODEL_PRESETS.get(family, {}))}")
+    return dict(MODEL_PRESETS[family][preset]), dict(TRAINING_PRESETS[family][preset])
+
 # Small configs for the bundled demo: the whole path runs in a few minutes on a 2-core CPU.
 DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "halo": {

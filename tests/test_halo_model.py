@@ -168,10 +168,10 @@ def test_bins():
 def test_layout_and_meta(small_model, train_corpus):
     layout = small_model.layout
     names = layout.column_names()
-    assert len(names) == layout.n_columns == train_corpus.vocab_size + 1 + 2 + 9 + 8 + 3
+    assert len(names) == layout.n_columns == train_corpus.vocab_size + 1 + 2 + 9 + 14 + 3
     assert names[layout.label_start] == "label:mortality"
     assert names[layout.sex_start:layout.age_start] == ["sex:F", "sex:M"]
-    assert names[layout.gap_start] == "gap:[0,1)" and names[layout.start - 1] == "gap:[730,inf)"
+    assert names[layout.gap_start] == "gap:[0,1)" and names[layout.start - 1] == "gap:[5475,inf)"
     assert names[-3:] == ["<start>", "<end>", "<pad>"]
     assert layout.order[0] == layout.end and np.array_equal(layout.order[1:], np.delete(np.arange(len(names)),
                                                                                        layout.end))

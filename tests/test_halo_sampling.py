@@ -27,20 +27,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(*, n_codes: int = 4, labels=("y",), sex=False, age=(), gaps=(0.0, 30.0), seed=0,
-               fine_hidden=None, fine_head="made_direct", **structure) -> HaloModel:
+               fine_hidden=None, fine_head="made_direct", seen_codes=None, **structure) -> HaloModel:
     """A random HALO small enough to enumerate: n_ctx 5 = start, static, 2 visits, end. Its weights are
     scaled up so the record distribution is far from uniform and history matters; ``structure`` sets the
     layout's validity flags (unknown sex/age/gap, empty visits, records without visits)."""
     meta = CorpusMeta(codes=tuple(f"X/{i}" for i in range(n_codes)), label_names=tuple(labels),
                       extra={"structure": structure})
     config = HaloConfig(n_layer=1, n_head=2, n_embd=8, n_ctx=5, use_sex=sex, age_bucket_edges=age,
-                        gap_bin_edges=gaps, fine_hidden=fine_hidden, fine_head=fine_head)
+                        gap_bin_edges=gaps, fine_hidden=fine_hidden, fine_head=fine_head, seen_codes=seen_codes)
     torch.manual_seed(seed)
     model = HaloModel(config, meta)
     with torch.no_grad():
         model.coarse.wte.weight.normal_(0, 1.0)
+        if model.coarse.wfe is not None:  # the clock inputs matter too
+            model.coarse.wfe.weight.normal_(0, 1.0)
         for p in model.fine.parameters():
-            direct = (getattr(model.fine.direct, "weight", None), model.fine.prefix_out)
+            direct = (getattr(model.fine.direct, "weight", None), model.fine.prefix_out, model.fine.seen_chain,
+                      model.fine.seen_first)  # zero at initialisation: drawn here so they matter
             p.normal_(0, 1.0) if any(p is q for q in direct) else p.mul_(2.5)
     return model.eval()
 
@@ -133,6 +136,8 @@ VARIANTS = {
     "narrow fine head": {"fine_hidden": 6},
     "low-rank direct": {"fine_head": "made_lowrank", "fine_rank": 3},
     "narrow reference MADE": {"fine_head": "made", "fine_hidden": 6},
+    "without seen-codes terms": {"seen_codes": False},
+    "reference MADE with seen-codes terms": {"fine_head": "made", "seen_codes": True},
     "unknowns, empty visits, no visits": {"sex": True, "n_codes": 3, "sex_unknown": True, "gap_unknown": True,
                                           "empty_visits": True, "zero_visits": True},
 }
@@ -155,7 +160,7 @@ def test_sampler_matches_exact_distribution(tiny, variant):
 def test_one_hot_groups_and_forced_condition_are_exact():
     """Sex, age bucket and gap are one-hot groups; forcing sex=F samples the labels from their marginal and
     everything after sex from its exact conditional, i.e. p(record) / p(F | labels) on records with sex F."""
-    model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=3)
+    model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=9)  # a seed whose distribution spreads
     enumerated = enumerate_records(model)
     probs = np.exp(model.log_likelihood(enumerated, batch_size=4096).patient_log_likelihood)
     assert abs(probs.sum() - 1) < 1e-6
@@ -173,7 +178,7 @@ def test_one_hot_groups_and_forced_condition_are_exact():
 
 def test_posterior_condition_is_exact():
     """condition="posterior" samples p(record | sex=F, age bucket 1) exactly, whatever the column order."""
-    model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=3)
+    model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=9)  # a seed whose distribution spreads
     enumerated = enumerate_records(model)
     probs = np.exp(model.log_likelihood(enumerated, batch_size=4096).patient_log_likelihood)
     match = (enumerated.sex == 0) & (enumerated.age_at_first_visit == model.age_years[1])
@@ -227,6 +232,9 @@ def mimic_shaped(mimic3_corpus):
         model = HaloModel.from_corpus(mimic3_corpus.part("train"), HaloConfig.small(n_ctx=10))
     with torch.no_grad():
         model.fine.layer2.bias[1:model.layout.n_codes + 1] -= 4.0  # fine order: the end token, then the codes
+        model.coarse.wfe.weight.normal_(0, 1.0)  # clock inputs that matter
+        model.fine.seen_chain.normal_(0, 2.0)  # "seen before" terms that matter (zero at initialisation)
+        model.fine.seen_first.normal_(0, 2.0)
     return model.eval()
 
 
@@ -320,7 +328,8 @@ def test_model_likelihood_helpers(mimic_shaped, mimic3_corpus):
     assert summary["visits_scored"] == test.n_visits and summary["codes_scored"] == test.n_codes
 
 
-@pytest.mark.parametrize("variant", ["mimic", "default", "unknowns, empty visits, no visits", "reference MADE"])
+@pytest.mark.parametrize("variant", ["mimic", "default", "unknowns, empty visits, no visits", "reference MADE",
+                                     "low-rank direct"])
 def test_likelihood_is_the_sum_of_the_sampler_log_probabilities(mimic_shaped, variant):
     """Each sampled record's log-probability, summed over the sampler's draws, equals log p(record) as the
     likelihood scores it (the static row, every first step, code, group choice and the end)."""

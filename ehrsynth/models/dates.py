@@ -201,6 +201,11 @@ def date_chunks(extra: dict[str, Any], chunks: Any, *, seed: int) -> Any:
         done += chunk.n_patients
 
 
+def bin_means(quantiles: tuple[tuple[float, ...], ...], fallback: tuple[float, ...]) -> list[float]:
+    """The mean training value of each bin, from its stored quantiles (``fallback[b]`` for a bin without)."""
+    return [float(np.mean(q)) if len(q) else float(f) for q, f in zip(quantiles, fallback)]
+
+
 # ---- helpers -----------------------------------------------------------------------------------------------
 def _edges(edges: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(float(e) for e in edges) or (0.0,)

@@ -10,10 +10,11 @@ from ehrsynth.errors import ConfigError
 
 FINE_HEADS = ("made", "made_direct", "made_lowrank")  # the fine heads (network.FineHead)
 
-# Lower edges of the inter-visit gap bins in days: [0,1) [1,7) [7,30) [30,90) [90,180) [180,365) [365,730)
-# [730, inf). The last bin is open, so this is the issue's [0,1,7,30,90,180,365,730,inf] without the inf (which
-# JSON cannot hold).
-DEFAULT_GAP_EDGES = (0.0, 1.0, 7.0, 30.0, 90.0, 180.0, 365.0, 730.0)
+# Lower edges of the inter-visit gap bins in days: [0,1) [1,7) [7,30) [30,90) [90,180) [180,365) [365,730), then
+# yearly-ish bins to 15 years and an open last bin. The HALO issue's bins stopped at an open [730, inf), which holds
+# 45% of GiBleed's gaps: a generated record then cannot tell 2 years from 12, its dates drift and age-bound codes
+# land at the wrong ages (the cohort's index condition at ages 25-55 for real 34-43; 32-47 with these bins).
+DEFAULT_GAP_EDGES = (0.0, 1.0, 7.0, 30.0, 90.0, 180.0, 365.0, 730.0, 1095.0, 1460.0, 2190.0, 2920.0, 3650.0, 5475.0)
 # Lower edges of the age-at-first-visit buckets in years; the last, [90, inf), holds MIMIC's ages capped at 90.
 DEFAULT_AGE_EDGES = (0.0, 18.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
 
@@ -45,6 +46,12 @@ class HaloConfig:
             raises the within-visit pair Pearson r (benchmarks/bench_fine_heads.py, docs/benchmarks.md), where
             ``"made_direct"`` overfits the 72-patient MIMIC-III demo.
         fine_rank: rank of the ``"made_lowrank"`` direct term.
+        seen_codes: give the fine head a learned per-code term for "this code is already in the record"
+            (:class:`~.network.FineHead`; 2 V parameters). None: on, except for the reference ``"made"`` head,
+            which stays the paper's.
+        clock: feed the coarse module each row's approximate age and time since the first visit, computed from
+            the record's age bucket and gap bins so far (:data:`~.network.CLOCK_FEATURES`). None: on, except
+            with the reference ``"made"`` head (``fine_head="made"`` is the paper's HALO throughout).
         use_labels: put the corpus labels on the static row (the reference's label row).
         use_sex: put sex (an F and an M column; neither when unknown) on the static row.
         age_bucket_edges: lower edges (years, increasing) of the age-at-first-visit buckets on the static row;
@@ -63,6 +70,8 @@ class HaloConfig:
     fine_hidden: int | None = None
     fine_head: Literal["made", "made_direct", "made_lowrank"] = "made_lowrank"
     fine_rank: int = 32
+    seen_codes: bool | None = None
+    clock: bool | None = None
     use_labels: bool = True
     use_sex: bool = True
     age_bucket_edges: tuple[float, ...] = DEFAULT_AGE_EDGES
@@ -77,11 +86,24 @@ class HaloConfig:
             raise ConfigError(f"fine_head must be one of {list(FINE_HEADS)!r}, got {self.fine_head!r}")
         if not isinstance(self.fine_rank, int) or self.fine_rank < 1:
             raise ConfigError(f"fine_rank must be a positive integer, got {self.fine_rank!r}")
+        for name in ("seen_codes", "clock"):
+            if getattr(self, name) not in (None, True, False):
+                raise ConfigError(f"{name} must be true, false or null, got {getattr(self, name)!r}")
 
     @classmethod
     def small(cls, **overrides: Any) -> HaloConfig:
         """The small config: 2 layers, 4 heads, width 128 (n_ctx 48), plus any ``overrides``."""
         return replace(cls(n_layer=2, n_head=4, n_embd=128), **overrides)
+
+    @property
+    def uses_seen_codes(self) -> bool:
+        """Whether the fine head has the "seen before" terms (``seen_codes``, resolved)."""
+        return self.fine_head != "made" if self.seen_codes is None else bool(self.seen_codes)
+
+    @property
+    def uses_clock(self) -> bool:
+        """Whether the coarse module takes the clock inputs (``clock``, resolved)."""
+        return self.fine_head != "made" if self.clock is None else bool(self.clock)
 
     @property
     def max_visits(self) -> int:

@@ -190,6 +190,21 @@ class ColumnLayout:
         return self.n_codes + 2
 
 
+def clock_matrix(layout: ColumnLayout, gap_days: tuple[float, ...], age_years: tuple[float, ...]) -> np.ndarray:
+    """(C, 3) float32: what a 1 in each column adds to the running (age years, elapsed days, age known) of
+    HALO's clock (:func:`~.network.row_clock`): an age bucket its value in years, a gap bin its days; unknown
+    columns add nothing."""
+    clock = np.zeros((layout.n_columns, 3), dtype=np.float32)
+    if layout.age_edges:
+        a = layout.age_start
+        clock[a:a + len(layout.age_edges), 0] = age_years
+        clock[a:a + len(layout.age_edges), 2] = 1.0
+    if layout.gap_edges:
+        g = layout.gap_start
+        clock[g:g + len(layout.gap_edges), 1] = gap_days
+    return clock
+
+
 @dataclass(frozen=True)
 class EncodedRecords:
     """A batch of records as the flat positions of its ones in a (B, T, C) array.

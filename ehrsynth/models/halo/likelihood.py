@@ -27,7 +27,7 @@ from ehrsynth.errors import ConfigError
 from ehrsynth.models.halo.encoding import (
     FIRST_VISIT, STATIC, UNSCORED, VISIT, ColumnLayout, dense_rows, encode_records, target_row_kinds,
 )
-from ehrsynth.models.halo.network import HaloNetwork
+from ehrsynth.models.halo.network import HaloNetwork, seen_codes
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,10 @@ def row_log_likelihood(network: HaloNetwork, layout: ColumnLayout, batch: dict[s
     """(B, T-1) float64 log-likelihood of target rows 1..T-1 of a collated batch (0 for unscored rows)."""
     x = dense_rows(batch["ones"], batch["lengths"], layout.n_columns, n_rows=batch.get("n_rows"))  # (B, T, C)
     B, T, C = x.shape
-    logits, first = network.fine(network.coarse(x[:, :-1]), x[:, 1:])  # (B, T-1, C), (B, T-1, V + 2)
+    seen = None if network.fine.seen_chain is None else seen_codes(x[:, :-1], layout.n_codes)
+    clock = network.rows_in(x[:, :-1])
+    h = network.coarse(x[:, :-1], features=clock)
+    logits, first = network.fine(h, x[:, 1:], seen)  # (B, T-1, C), (B, T-1, V + 2)
     kinds = target_row_kinds(batch["lengths"], T, network.n_ctx)  # (B, T-1)
     ll = factor_log_likelihood(logits.reshape(-1, C).double(), first.reshape(B * (T - 1), -1).double(),
                                x[:, 1:].reshape(-1, C), kinds.reshape(-1), layout)

@@ -30,14 +30,22 @@ from ehrsynth.data.corpus import PatientCorpus, ragged_indices
 from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
-from ehrsynth.models.dates import date_chunks, date_generated
+from ehrsynth.models.dates import bin_means, date_chunks, date_generated
 from ehrsynth.models.dates import fit as fit_dates
 from ehrsynth.models.halo.config import HaloConfig
 from ehrsynth.models.halo.encoding import (
-    STRUCTURE_FLAGS, UNSCORED, ColumnLayout, bin_values, dense_rows, encode_records, input_rows, row_kinds,
+    STRUCTURE_FLAGS, UNSCORED, ColumnLayout, bin_values, clock_matrix, dense_rows, encode_records, input_rows,
+    row_kinds,
 )
 from ehrsynth.models.halo.likelihood import LikelihoodResult, factor_log_likelihood, log_likelihood, perplexity_report
-from ehrsynth.models.halo.network import CoarseTransformer, FineHead, HaloNetwork, packed_mask
+from ehrsynth.models.halo.network import (
+    CLOCK_FEATURES,
+    CoarseTransformer,
+    FineHead,
+    HaloNetwork,
+    packed_mask,
+    seen_codes,
+)
 from ehrsynth.models.halo.sampling import Decoding, GenerationConfig, sample, sample_stream
 
 
@@ -67,13 +75,20 @@ class HaloModel(GenerativeModel):
         )
         C = self.layout.n_columns
         self.coarse = CoarseTransformer(C, config.n_embd, config.n_head, config.n_layer, config.n_ctx,
-                                        dropout=config.dropout, eps=config.layer_norm_eps)
+                                        dropout=config.dropout, eps=config.layer_norm_eps,
+                                        n_features=CLOCK_FEATURES if config.uses_clock else 0)
         self.fine = FineHead(config.n_embd, C, config.fine_hidden, order=torch.as_tensor(self.layout.order),
                              group_first=torch.as_tensor(self.layout.group_first()), n_first=self.layout.n_first,
                              direct=config.fine_head == "made_direct",
-                             rank=config.fine_rank if config.fine_head == "made_lowrank" else 0)
+                             rank=config.fine_rank if config.fine_head == "made_lowrank" else 0,
+                             seen_codes=self.layout.n_codes if config.uses_seen_codes else 0)
         self.gap_days = tuple(meta.extra.get("gap_bin_days", bin_values(config.gap_bin_edges)))
         self.age_years = tuple(meta.extra.get("age_bucket_years", bin_values(config.age_bucket_edges)))
+        clock = None
+        if config.uses_clock:  # a buffer, rebuilt from meta.extra (not saved with the weights)
+            clock = torch.from_numpy(clock_matrix(self.layout, tuple(meta.extra.get("clock_gap_days", self.gap_days)),
+                                                  tuple(meta.extra.get("clock_age_years", self.age_years))))
+        self.register_buffer("clock", clock, persistent=False)
         self._code_map: tuple[Any, np.ndarray | None] | None = None  # (corpus vocabulary, its column map)
 
     # ---- building ------------------------------------------------------------------------------------------
@@ -96,6 +111,7 @@ class HaloModel(GenerativeModel):
             warnings.warn(f"{int((over > 0).sum())} of {corpus.n_patients} patients have more than "
                           f"n_ctx - 3 = {config.max_visits} visits; their last {config.max_visits} visits are kept "
                           f"({int(over.sum())} earlier visits dropped)", stacklevel=2)
+        dates = fit_dates(view, config.gap_bin_edges, config.age_bucket_edges)
         meta = CorpusMeta.from_corpus(
             view,
             structure=corpus_structure(view),
@@ -106,7 +122,10 @@ class HaloModel(GenerativeModel):
             max_visits=config.max_visits,
             patients_truncated=int((over > 0).sum()),
             visits_truncated=int(over.sum()),
-            dates=fit_dates(view, config.gap_bin_edges, config.age_bucket_edges).to_dict(),
+            dates=dates.to_dict(),
+            # HALO's clock counts each bin at the mean of its training values (the open last gap bin is not 730)
+            clock_gap_days=bin_means(dates.gap_quantiles, bin_values(config.gap_bin_edges)),
+            clock_age_years=bin_means(dates.age_quantiles, bin_values(config.age_bucket_edges)),
         )
         return cls(config, meta)
 
@@ -171,14 +190,20 @@ class HaloModel(GenerativeModel):
         if packed is None:  # per row and layer: 12 d^2 for the linear layers, 2 d x (keys seen) for attention
             n, d = rows.shape[0], self.config.n_embd
             packed = n * (12 * d + 2 * n) < B * (T - 1) * (12 * d + 2 * (T - 1))
+        clock = self.network.rows_in(x)  # (B, T, 3) or None
         if packed:
+            features = None if clock is None else clock.view(B * T, -1).index_select(0, inputs)[None]
             h = self.coarse(flat.index_select(0, inputs)[None], positions=positions,
-                            attn_mask=packed_mask(record, positions))[0]  # (N, d)
+                            attn_mask=packed_mask(record, positions), features=features)[0]  # (N, d)
         else:
-            h = self.coarse(x[:, :-1]).reshape(B * (T - 1), -1).index_select(0, rows)  # (N, d)
+            features = None if clock is None else clock[:, :-1]
+            h = self.coarse(x[:, :-1], features=features).reshape(B * (T - 1), -1).index_select(0, rows)  # (N, d)
+        seen = None
+        if self.fine.seen_chain is not None:  # the codes of the rows up to each input row
+            seen = seen_codes(x, self.layout.n_codes).view(B * T, -1).index_select(0, inputs)
         targets = flat.index_select(0, targets)  # (N, C): the row after each input row
         kinds = row_kinds(positions + 1, batch["lengths"][record], self.config.n_ctx)  # (N,)
-        logits, first = self.fine(h, targets)
+        logits, first = self.fine(h, targets, seen)
         ll = factor_log_likelihood(logits, first, targets, kinds, self.layout)  # (N,)
         units = torch.where((kinds != UNSCORED)[:, None], targets, 0.0).sum()
         return -ll.sum(), units
@@ -212,7 +237,7 @@ class HaloModel(GenerativeModel):
     # ---- the pieces the sampler and the likelihood take ------------------------------------------------------
     @property
     def network(self) -> HaloNetwork:
-        return HaloNetwork(self.coarse, self.fine)
+        return HaloNetwork(self.coarse, self.fine, self.clock)
 
     @property
     def decoding(self) -> Decoding:

@@ -51,7 +51,7 @@ from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.conditions import Conditions
 from ehrsynth.models.halo.encoding import FIRST_VISIT, STATIC, VISIT, ColumnLayout, bin_index, decode_records
-from ehrsynth.models.halo.network import FineWeights, HaloNetwork, fine_weights
+from ehrsynth.models.halo.network import FineWeights, HaloNetwork, clock_features, fine_weights
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MAX_ATTEMPTS = 10_000  # static rows tried per record by posterior conditioning
@@ -148,6 +148,7 @@ def sample_row(
     keys: np.ndarray,
     blocks: list[tuple[int, int]],
     first: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Exact per-record sampling of one row of every record (see the module docstring). Everything here is
     indexed by fine-order position (:attr:`~.encoding.ColumnLayout.order`), not by column.
@@ -164,6 +165,7 @@ def sample_row(
         blocks: fine-order spans of the categorical groups (one softmax each).
         first: (b, V + 2) log-probabilities of a visit row's first step {end (position 0), codes (positions
             1..V), no code}, or None for the static row.
+        shift: (b, C) terms added to every record's logits (the "seen before" terms), or None.
 
     Returns:
         ((b, C) float32 sampled row in fine order, number of fine passes, (b,) float64 log-probability of
@@ -198,6 +200,7 @@ def sample_row(
             keys = keys[live.cpu().numpy()]
             must = None if must is None else must[live]
             first = None if first is None else first[live]
+            shift = None if shift is None else shift[live]
         if len(rows) == 0:
             break
         lo = int(cursor.min())
@@ -206,6 +209,8 @@ def sample_row(
             logits = logits + zd[:, lo:hi]
         if zp is not None:
             logits = logits + zp @ weights.prefix_out[lo:hi].T
+        if shift is not None:
+            logits = logits + shift[:, lo:hi]
         log_keep = F.logsigmoid(-logits)  # log(1 - p_j): the Bernoulli chain
         for a, z in blocks:  # a categorical group as the chain that draws it (its logits see nothing of it)
             if a >= lo and z <= hi:
@@ -277,10 +282,18 @@ def sample_batch(
     alive = torch.arange(b, device=device)  # batch rows of the unfinished records
     x = torch.zeros(b, 1, C, device=device)
     x[:, 0, layout.start] = 1.0
+    V = layout.n_codes
+    seen = None if weights.seen_chain is None else torch.zeros(b, V, device=device)  # codes recorded so far
+    clock = network.clock
+    running = None if clock is None else torch.zeros(b, clock.shape[1], device=device)  # the clock's sums
     n_visits = np.full(b, n_ctx - 3, dtype=np.int64)  # records that never draw the end fill the window
     found: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     for row in range(1, n_ctx - 1):
-        h = coarse(x, cache)[:, -1]  # (a, d) summary of rows < row
+        features = None
+        if running is not None:
+            running += x[:, 0] @ clock
+            features = clock_features(running)[:, None]
+        h = coarse(x, cache, features=features)[:, -1]  # (a, d) summary of rows < row
         kind = STATIC if row == 1 else FIRST_VISIT if row == 2 else VISIT
         pending = table[kind].expand(len(alive), C).clone()
         must = None
@@ -291,19 +304,25 @@ def sample_batch(
         ids = patients[alive.cpu().numpy()]  # global patient indices of the unfinished records
         pending = pending[:, order]  # columns -> fine-order positions
         must = None if must is None else must[:, order]
-        first = None
+        first = shift = None
         if kind != STATIC:  # the first step's categorical {end, codes, no code}, masked to what is valid
             allowed = torch.ones(len(alive), layout.n_first, dtype=torch.bool, device=device)
             allowed[:, 0] = pending[:, end]
             allowed[:, -1] = layout.empty_visits
-            first = torch.addmm(weights.first_bias, h, weights.first).masked_fill(~allowed, float("-inf"))
-            first = torch.log_softmax(first, dim=1)  # (a, V + 2)
+            first = torch.addmm(weights.first_bias, h, weights.first)
+            if seen is not None:
+                first[:, 1:V + 1] += seen * weights.seen_first
+                shift = torch.zeros(len(alive), C, device=device)
+                shift[:, :V] = seen
+                shift = shift[:, order] * weights.seen_chain  # fine order
+            first = torch.log_softmax(first.masked_fill(~allowed, float("-inf")), dim=1)  # (a, V + 2)
         if kind == STATIC and forced_one is not None and condition == "posterior":
             sampled, passes = _posterior_static_row(weights, h, pending, forced_one[order], forced_zero[order],
                                                     close_to, end, key, ids, n_ctx, blocks)
         else:
             sampled, passes, row_log_prob = sample_row(weights, h, pending, must=must, close_to=close_to, end=end,
-                                                       keys=stream_keys(key, ids, row), blocks=blocks, first=first)
+                                                       keys=stream_keys(key, ids, row), blocks=blocks, first=first,
+                                                       shift=shift)
             if log_prob is not None:
                 log_prob[alive.cpu().numpy()] += row_log_prob.cpu().numpy()
         sampled = sampled[:, rank]  # fine-order positions -> columns
@@ -314,12 +333,16 @@ def sample_batch(
             counts.per_step.append(passes)
         r, c = sampled[:, :layout.end].nonzero(as_tuple=True)
         found.append((alive[r], row, c))
+        if seen is not None:
+            seen = torch.maximum(seen, sampled[:, :V])
         ended = sampled[:, layout.end] == 1
         if ended.any():
             n_visits[alive[ended].cpu().numpy()] = row - 2
             keep = ~ended
             cache.keep(keep)
             alive, sampled = alive[keep], sampled[keep]
+            seen = None if seen is None else seen[keep]
+            running = None if running is None else running[keep]
             if len(alive) == 0:
                 break
         x = sampled.unsqueeze(1)  # (a, 1, C)
