@@ -399,10 +399,11 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # keep the papers' optimisers. The small networks take a 20x larger step and stop after 5 validations without a
 # better validation likelihood: HALO small at the paper's lr 1e-4 was still improving after 400 epochs on
 # GiBleed, while lr 2e-3 reaches its best likelihood near step 1,000 (about 70 CPU-s; benchmarks/bench_quality.py,
-# docs/benchmarks.md "Training presets").
+# docs/benchmarks.md "Training presets"). EHRDiff's EMA validation loss keeps falling slowly for tens of
+# thousands of steps, so its small preset is capped at 5,000 steps (about 2.5 CPU-minutes on GiBleed).
 TRAINING_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "halo": {"paper": {}, "small": {"batch_size": 32, "lr": 2e-3, "patience": 5}},
-    "ehrdiff": {"paper": {}, "small": {"batch_size": 256, "lr": 1e-3}},
+    "ehrdiff": {"paper": {}, "small": {"batch_size": 256, "lr": 1e-3, "max_steps": 5000}},
     "timeline": {"paper": {}, "small": {"batch_size": 32, "lr": 2e-3, "patience": 5}},
 }
 

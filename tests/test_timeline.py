@@ -36,6 +36,7 @@ def tiny_model(*, n_codes=3, n_ctx=9, seed=0) -> TimelineModel:
     model = TimelineModel(config, meta)
     with torch.no_grad():
         model.coarse.wte.weight.normal_(0, 1.0)
+        model.coarse.wfe.weight.normal_(0, 1.0)  # the clock inputs matter (gap tokens move it)
         model.head.weight.normal_(0, 1.5)
     return model.eval()
 
@@ -145,9 +146,11 @@ def test_likelihood_equals_the_samplers_log_probabilities(tiny):
 def test_kv_cache_gives_the_full_forward_logits():
     model = tiny_model(n_codes=20, n_ctx=32)
     tokens = torch.randint(0, model.layout.n_columns, (5, 30))
-    full = model.coarse(tokens)
+    clock = model.network.clock_in(tokens)  # (5, 30, 3): cumulative, so each step's slice is its own
+    full = model.coarse(tokens, features=clock)
     cache = model.coarse.new_cache(5)
-    steps = [model.coarse(tokens[:, :7], cache)] + [model.coarse(tokens[:, t:t + 1], cache) for t in range(7, 30)]
+    steps = [model.coarse(tokens[:, :7], cache, features=clock[:, :7])] + [
+        model.coarse(tokens[:, t:t + 1], cache, features=clock[:, t:t + 1]) for t in range(7, 30)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 

@@ -25,6 +25,8 @@ class TimelineConfig:
         age_bucket_edges: lower edges (years) of the age-at-first-visit buckets; ``()`` disables the age token.
         gap_bin_edges: lower edges (days) of the gap bins; a gap token opens every visit after the first, so
             at least one bin is required (it is also what separates visits).
+        clock: feed the transformer each token's approximate age and time since the first visit, summed from
+            the age and gap tokens so far (HALO's clock, :data:`~ehrsynth.models.halo.network.CLOCK_FEATURES`).
     """
 
     n_layer: int = 12
@@ -37,6 +39,7 @@ class TimelineConfig:
     use_sex: bool = True
     age_bucket_edges: tuple[float, ...] = DEFAULT_AGE_EDGES
     gap_bin_edges: tuple[float, ...] = DEFAULT_GAP_EDGES
+    clock: bool = True
 
     def __post_init__(self) -> None:
         check_transformer(self, min_ctx=8, ctx_meaning="tokens")

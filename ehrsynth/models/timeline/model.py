@@ -19,10 +19,11 @@ from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
 from ehrsynth.models.dates import date_chunks
+from ehrsynth.models.dates import bin_means
 from ehrsynth.models.dates import fit as fit_dates
-from ehrsynth.models.halo.encoding import STRUCTURE_FLAGS, ColumnLayout, bin_values
+from ehrsynth.models.halo.encoding import STRUCTURE_FLAGS, ColumnLayout, bin_values, clock_matrix
 from ehrsynth.models.halo.model import _seed, corpus_structure, unknown_code_names
-from ehrsynth.models.halo.network import CoarseTransformer, packed_mask
+from ehrsynth.models.halo.network import CLOCK_FEATURES, CoarseTransformer, packed_mask
 from ehrsynth.models.halo.sampling import Decoding, GenerationConfig
 from ehrsynth.models.timeline.config import TimelineConfig
 from ehrsynth.models.halo.likelihood import perplexity_report
@@ -55,7 +56,8 @@ class TimelineModel(GenerativeModel):
             raise ConfigError(f"n_ctx ({config.n_ctx}) leaves no room for a visit after "
                               f"{len(self.layout.label_names)} label tokens")
         self.coarse = CoarseTransformer(K, config.n_embd, config.n_head, config.n_layer, config.n_ctx,
-                                        dropout=config.dropout, eps=config.layer_norm_eps, tokens=True)
+                                        dropout=config.dropout, eps=config.layer_norm_eps, tokens=True,
+                                        n_features=CLOCK_FEATURES if config.clock else 0)
         self.head = torch.nn.Linear(config.n_embd, K)
         torch.nn.init.normal_(self.head.weight, std=0.02)
         torch.nn.init.zeros_(self.head.bias)
@@ -64,6 +66,12 @@ class TimelineModel(GenerativeModel):
                                  gap_days=tuple(meta.extra.get("gap_bin_days", bin_values(config.gap_bin_edges))),
                                  age_years=tuple(meta.extra.get("age_bucket_years",
                                                                 bin_values(config.age_bucket_edges))))
+        clock = None
+        if config.clock:  # tokens are the layout's columns, so HALO's clock matrix applies as it is
+            clock = torch.from_numpy(clock_matrix(
+                self.layout, tuple(meta.extra.get("clock_gap_days", self.decoding.gap_days)),
+                tuple(meta.extra.get("clock_age_years", self.decoding.age_years))))
+        self.register_buffer("clock", clock, persistent=False)
         self._code_map: tuple[Any, np.ndarray | None] | None = None
 
     @classmethod
@@ -74,11 +82,14 @@ class TimelineModel(GenerativeModel):
         if not isinstance(config, TimelineConfig):
             raise ConfigError(f"config must be a TimelineConfig, got {type(config).__name__}")
         view = CorpusView.of(corpus)
+        dates = fit_dates(view, config.gap_bin_edges, config.age_bucket_edges)
         meta = CorpusMeta.from_corpus(
             view, structure=corpus_structure(view),
             gap_bin_days=list(bin_values(config.gap_bin_edges)),
             age_bucket_years=list(bin_values(config.age_bucket_edges)),
-            dates=fit_dates(view, config.gap_bin_edges, config.age_bucket_edges).to_dict())
+            dates=dates.to_dict(),
+            clock_gap_days=bin_means(dates.gap_quantiles, bin_values(config.gap_bin_edges)),
+            clock_age_years=bin_means(dates.age_quantiles, bin_values(config.age_bucket_edges)))
         model = cls(config, meta)
         trunc = {"patients_truncated": 0, "visits_truncated": 0, "codes_truncated": 0}
         for start in range(0, view.n_patients, 4096):
@@ -132,12 +143,15 @@ class TimelineModel(GenerativeModel):
         n, d = scored.shape[0], self.config.n_embd
         if packed is None:
             packed = n * (12 * d + 2 * n) < B * (T - 1) * (12 * d + 2 * (T - 1))
+        clock = self.network.clock_in(tokens[:, :-1])  # (B, T-1, 3) or None
         if packed:
             record, positions = scored // (T - 1), scored % (T - 1)
             inputs = tokens.reshape(-1).index_select(0, record * T + positions)
-            h = self.coarse(inputs[None], positions=positions, attn_mask=packed_mask(record, positions))[0]
+            features = None if clock is None else clock.reshape(B * (T - 1), -1).index_select(0, scored)[None]
+            h = self.coarse(inputs[None], positions=positions, attn_mask=packed_mask(record, positions),
+                            features=features)[0]
         else:
-            h = self.coarse(tokens[:, :-1]).reshape(B * (T - 1), -1).index_select(0, scored)  # (N, d)
+            h = self.coarse(tokens[:, :-1], features=clock).reshape(B * (T - 1), -1).index_select(0, scored)
         prev = tokens[:, :-1].reshape(-1).index_select(0, scored)
         target = tokens[:, 1:].reshape(-1).index_select(0, scored)
         logp = self.network.log_probs(h, prev, scored % (T - 1) + 1)
@@ -174,7 +188,7 @@ class TimelineModel(GenerativeModel):
 
     @property
     def network(self) -> TimelineNetwork:
-        return TimelineNetwork(self.coarse, self.head, self.grammar)
+        return TimelineNetwork(self.coarse, self.head, self.grammar, self.clock)
 
     # ---- likelihood ----------------------------------------------------------------------------------------
     def log_likelihood(self, corpus: PatientCorpus, *, batch_size: int = 256,

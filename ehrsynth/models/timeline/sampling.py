@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.models.halo.encoding import ColumnLayout, decode_records
-from ehrsynth.models.halo.network import CoarseTransformer
+from ehrsynth.models.halo.network import CoarseTransformer, clock_features
 from ehrsynth.models.halo.sampling import Decoding, GenerationConfig, parse_conditions, run_key, stream_keys, \
     stream_uniforms
 from ehrsynth.models.timeline.tokens import Grammar, sequence_ones
@@ -38,6 +38,11 @@ class TimelineNetwork:
     coarse: CoarseTransformer
     head: torch.nn.Linear
     grammar: Grammar
+    clock: torch.Tensor | None = None  # (K, 3): HALO's clock matrix over the tokens, when the transformer takes it
+
+    def clock_in(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(B, T, 3) clock inputs of token sequences (B, T): token t's from tokens 0..t (None without a clock)."""
+        return None if self.clock is None else clock_features(torch.cumsum(self.clock[tokens], dim=1))
 
     def log_probs(self, h: torch.Tensor, prev: torch.Tensor, pos: torch.Tensor,
                   forced: tuple[np.ndarray, np.ndarray] | None = None) -> torch.Tensor:
@@ -99,8 +104,13 @@ def sample_batch(net: TimelineNetwork, patients: np.ndarray, *, key: int,
     rows = np.arange(b)  # the batch rows still running
     cache = net.coarse.new_cache(b)
     prev = torch.full((b,), lay.start, dtype=torch.long, device=device)
+    running = None if net.clock is None else torch.zeros(b, net.clock.shape[1], device=device)  # clock sums
     for pos in range(1, n_ctx):
-        h = net.coarse(prev[:, None], cache)[:, -1]  # (a, d)
+        features = None
+        if running is not None:
+            running += net.clock[prev]
+            features = clock_features(running)[:, None]
+        h = net.coarse(prev[:, None], cache, features=features)[:, -1]  # (a, d)
         logp = net.log_probs(h, prev, torch.full_like(prev, pos), forced).double()
         cdf = logp.exp().cumsum(-1)
         u = torch.as_tensor(stream_uniforms(stream_keys(key, patients[rows], pos), 0), device=device)
@@ -117,6 +127,7 @@ def sample_batch(net: TimelineNetwork, patients: np.ndarray, *, key: int,
                 break
             cache.keep(live)
             choice = choice[live]
+            running = None if running is None else running[live]
         prev = choice
     return tokens, lengths, log_prob
 
