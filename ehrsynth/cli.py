@@ -352,7 +352,8 @@ def _relaunch_with_torchrun(nproc: int) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Patients sampled at once.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", callback=_cuda_if_available)
 @click.option("--condition-mode", type=click.Choice(["forced", "posterior"]), default=None,
-              help="HALO: force the fixed static values (forced), or sample exactly given them (posterior).")
+              help="HALO and timeline: force the fixed static values (forced), or sample exactly given them "
+                   "(posterior).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="EHRDiff: Heun steps (default 32).")
 @click.option("--guidance", type=float, default=None, callback=_finite_non_negative,
               help="EHRDiff: classifier-free guidance scale for --condition (default 1).")

@@ -196,7 +196,7 @@ def generate_chunks(
     """Sample ``n`` patients from the model saved in ``run_dir``, yielded as corpus chunks.
 
     Args:
-        condition_mode: HALO only: ``'forced'`` or ``'posterior'`` conditioning.
+        condition_mode: HALO and timeline: ``'forced'`` or ``'posterior'`` conditioning.
         steps, guidance: EHRDiff only: Heun steps and classifier-free guidance scale.
 
     Raises:
@@ -215,8 +215,8 @@ def generate_chunks(
     model = load_model(run_dir, device=device)
     options: dict[str, Any] = {}
     if condition_mode is not None:
-        if model.family != "halo":
-            raise ConfigError(f"--condition-mode applies to HALO, not to {model.family!r}")
+        if model.family not in ("halo", "timeline"):
+            raise ConfigError(f"--condition-mode applies to HALO and the timeline model, not to {model.family!r}")
         options["condition"] = condition_mode
     if steps is not None or guidance is not None:
         if model.family != "ehrdiff":

@@ -290,3 +290,64 @@ def test_model_from_meta_without_extra_and_train_defaults():
     defaults = HaloModel.default_train_config()
     assert (defaults["optimizer"], defaults["lr"], defaults["batch_size"], defaults["max_epochs"]) == \
         ("adam", 1e-4, 48, 400)
+
+
+# ---- clock and seen codes (beyond the paper) ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gibleed_train(data_dir):
+    from ehrsynth.data.build import BuildOptions
+    from ehrsynth.data.readers.omop import read_omop
+
+    return read_omop(data_dir / "omop-gibleed", options=BuildOptions(max_visits=45, seed=0)).part("train")
+
+
+def test_clock_inputs_are_age_and_years_since_the_first_visit(gibleed_train):
+    """Row t's clock (GiBleed): the age bucket's mean training age plus the mean training days of the gap bins of
+    visits 1..t, computed here from the corpus itself; the first two rows (start, static) only know the age."""
+    from ehrsynth.models.halo.encoding import bin_index
+
+    model = HaloModel.from_corpus(gibleed_train, HaloConfig.small())
+    extra = model.meta.extra
+    assert extra["clock_gap_days"][-1] > 5475 and 730 < extra["clock_gap_days"][7] < 1095  # bin means, not edges
+    patients = np.arange(40)
+    batch = model.collate(gibleed_train, patients)
+    x = dense_rows(batch["ones"], batch["lengths"], model.layout.n_columns, n_rows=batch["n_rows"])
+    clock = model.network.rows_in(x).numpy()  # (B, T, 3)
+    vo, days = np.asarray(gibleed_train.visit_offsets), np.asarray(gibleed_train.visit_days)
+    for p in patients:
+        gaps = np.diff(days[vo[p]:vo[p + 1]])
+        elapsed = np.concatenate([[0.0], np.cumsum(np.asarray(extra["clock_gap_days"])[
+            bin_index(gaps, model.layout.gap_edges)])]) / 365.25
+        age = extra["clock_age_years"][bin_index(gibleed_train.age_at_first_visit[p:p + 1], model.layout.age_edges)[0]]
+        rows = slice(2, 2 + len(elapsed))  # visit rows
+        np.testing.assert_allclose(clock[p, rows, 0], (age + elapsed) / 50, rtol=1e-5)
+        np.testing.assert_allclose(clock[p, rows, 1], np.log1p(elapsed), rtol=1e-5, atol=1e-6)
+        assert clock[p, 0, 2] == 0 and np.all(clock[p, 1:, 2] == 1)  # the age is known from the static row on
+    assert clock[:, :, 0].max() * 50 > 60  # real lifetimes: some records reach past 60
+
+
+def test_seen_codes_terms_reach_only_codes_recorded_before(gibleed_train):
+    """The fine head's "seen before" input of row t holds the codes of rows <= t-1 only; a strongly negative term
+    for a code makes the sampler never repeat it, a strongly positive one makes it recur in every visit."""
+    from ehrsynth.models.halo.network import seen_codes
+
+    rows = torch.zeros(1, 4, 5)
+    rows[0, 1, 2] = rows[0, 2, 0] = 1.0
+    assert seen_codes(rows, 3)[0].tolist() == [[0, 0, 0], [0, 0, 1], [1, 0, 1], [1, 0, 1]]
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="last 9 visits are kept"):  # a short window keeps the test quick
+        model = HaloModel.from_corpus(gibleed_train, HaloConfig.small(n_ctx=12)).eval()
+    code = int(np.bincount(gibleed_train.codes).argmax())  # the most frequent code
+    with torch.no_grad():
+        model.fine.first.bias[1 + code] += 6.0  # every visit would start with it ...
+        model.fine.seen_first[code] = -30.0  # ... unless it was recorded before
+    never = model.generate(300, seed=1)
+    counts = [np.bincount(never.codes[never.code_offsets[never.visit_offsets[p]]:
+                                      never.code_offsets[never.visit_offsets[p + 1]]], minlength=model.layout.n_codes)
+              for p in range(never.n_patients)]
+    assert max(c[code] for c in counts) == 1 and sum(c[code] for c in counts) > 250
+    with torch.no_grad():
+        model.fine.seen_first[code] = 30.0
+    always = model.generate(300, seed=1)
+    firsts = always.codes[always.code_offsets[:-1]]
+    assert np.mean(firsts == code) > 0.95

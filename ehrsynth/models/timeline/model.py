@@ -208,23 +208,24 @@ class TimelineModel(GenerativeModel):
 
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(self, n: int, *, seed: int = 0, conditions: dict[str, str] | None = None, batch_size: int = 256,
-                 progress: bool = False) -> PatientCorpus:
+                 progress: bool = False, condition: Literal["forced", "posterior"] = "forced") -> PatientCorpus:
         """Sample ``n`` dated patients; patient i depends only on (seed, i). Conditions fix prompt tokens
-        (``label:<name>``, ``sex``, ``age``; see :mod:`.sampling`)."""
+        (``label:<name>``, ``sex``, ``age``): ``condition="forced"`` as the module docstring of :mod:`.sampling`
+        says, ``"posterior"`` exactly from p(record | conditions)."""
         from ehrsynth.data.corpus import concat_corpora
 
         chunks = list(self.iter_generate(n, seed=seed, conditions=conditions, batch_size=batch_size,
-                                         chunk_size=max(int(n), 1), progress=progress))
+                                         chunk_size=max(int(n), 1), progress=progress, condition=condition))
         return chunks[0] if len(chunks) == 1 else concat_corpora(chunks)
 
     def iter_generate(self, n: int, *, seed: int = 0, conditions: dict[str, str] | None = None,
                       batch_size: int = 256, chunk_size: int = 10_000, progress: bool = False,
-                      ) -> Iterator[PatientCorpus]:
+                      condition: Literal["forced", "posterior"] = "forced") -> Iterator[PatientCorpus]:
         """Like :meth:`generate`, in corpora of up to ``chunk_size`` patients (ids continue across chunks)."""
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ConfigError(f"n must be a positive integer, got {n!r}")
-        config = GenerationConfig(conditions=conditions or {}, batch_size=batch_size, chunk_size=chunk_size,
-                                  progress=progress)
+        config = GenerationConfig(conditions=conditions or {}, condition=condition, batch_size=batch_size,
+                                  chunk_size=chunk_size, progress=progress)
         stream = sample_stream(self.network, self.decoding, n, generator=torch.Generator().manual_seed(_seed(seed)),
                                config=config)
         for corpus in date_chunks(self.meta.extra, stream, seed=seed):

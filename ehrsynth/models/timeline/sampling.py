@@ -11,6 +11,11 @@ fixed token its whole group's probability: every token before it keeps its model
 after it follows its exact conditional. A label fixed to 0 is never emitted and a label fixed to 1 must be
 emitted before any later prompt token (masked and renormalised): for the first label of the prompt that is the
 exact posterior p(record | label); for a later label, the labels before it are renormalised too.
+
+``condition="posterior"`` samples exactly from p(record | conditions) instead: each record's prompt (its tokens
+up to the first code, or [EOS]) is drawn without conditions until it matches them -- attempt a of patient i on
+its own streams (position t + a n_ctx), attempt 0 on the unconditional streams, so a record whose first prompt
+matches is the unconditional sample -- and the record continues from the accepted prompt.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from tqdm.auto import tqdm
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.models.halo.encoding import ColumnLayout, decode_records
 from ehrsynth.models.halo.network import CoarseTransformer, clock_features
-from ehrsynth.models.halo.sampling import Decoding, GenerationConfig, parse_conditions, run_key, stream_keys, \
-    stream_uniforms
+from ehrsynth.errors import ConfigError
+from ehrsynth.models.halo.sampling import MAX_ATTEMPTS, Decoding, GenerationConfig, parse_conditions, run_key, \
+    stream_keys, stream_uniforms
 from ehrsynth.models.timeline.tokens import Grammar, sequence_ones
 
 
@@ -87,13 +93,29 @@ def condition_mask(layout: ColumnLayout, prev: torch.Tensor, ones: np.ndarray, z
 
 @torch.no_grad()
 def sample_batch(net: TimelineNetwork, patients: np.ndarray, *, key: int,
-                 forced: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sample the records of ``patients`` (global indices).
+                 forced: tuple[np.ndarray, np.ndarray] | None = None,
+                 condition: str = "forced") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample the records of ``patients`` (global indices), with the conditions ``forced`` (columns forced to
+    1 and to 0, :func:`~ehrsynth.models.halo.sampling.parse_conditions`) applied as ``condition`` says.
 
     Returns:
         (tokens (b, n_ctx) int64 padded, lengths (b,) with [BOS] and [EOS], log-probability (b,) float64 of
-        each sampled sequence: the sum of the log-probabilities of its drawn tokens).
+        each sampled sequence: the sum of the log-probabilities of its drawn tokens, without conditions under
+        ``"posterior"``).
     """
+    prompt = None
+    if forced is not None and condition == "posterior":
+        prompt = _posterior_prompts(net, patients, key=key, forced=forced)
+        forced = None
+    return _sample(net, patients, key=key, forced=forced, prompt=prompt)
+
+
+def _sample(net: TimelineNetwork, patients: np.ndarray, *, key: int, forced: tuple[np.ndarray, np.ndarray] | None,
+            prompt: np.ndarray | None = None, stop_after_prompt: bool = False, attempt: int = 0,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sampler's loop. ``prompt`` (b, P) fixes each record's first tokens (padding: none given); draws use
+    stream positions t + ``attempt`` n_ctx; ``stop_after_prompt`` ends each record with its prompt
+    (:func:`prompt_ended`)."""
     lay, n_ctx = net.grammar.layout, net.grammar.n_ctx
     device = net.coarse.wpe.weight.device
     b = len(patients)
@@ -113,12 +135,18 @@ def sample_batch(net: TimelineNetwork, patients: np.ndarray, *, key: int,
         h = net.coarse(prev[:, None], cache, features=features)[:, -1]  # (a, d)
         logp = net.log_probs(h, prev, torch.full_like(prev, pos), forced).double()
         cdf = logp.exp().cumsum(-1)
-        u = torch.as_tensor(stream_uniforms(stream_keys(key, patients[rows], pos), 0), device=device)
+        u = torch.as_tensor(stream_uniforms(stream_keys(key, patients[rows], pos + attempt * n_ctx), 0),
+                            device=device)
         choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp(max=lay.n_columns - 1)
+        if prompt is not None and pos < prompt.shape[1]:
+            given = torch.as_tensor(prompt[rows, pos], device=device)
+            choice = torch.where(given != lay.pad, given, choice)
         drawn = choice.cpu().numpy()
         log_prob[rows] += logp.gather(1, choice[:, None]).squeeze(1).cpu().numpy()
         tokens[rows, pos] = drawn
         done = drawn == lay.end
+        if stop_after_prompt:
+            done |= prompt_ended(lay, drawn)
         if done.any():
             lengths[rows[done]] = pos + 1
             live = torch.as_tensor(~done, device=device)
@@ -130,6 +158,35 @@ def sample_batch(net: TimelineNetwork, patients: np.ndarray, *, key: int,
             running = None if running is None else running[live]
         prev = choice
     return tokens, lengths, log_prob
+
+
+def prompt_ended(layout: ColumnLayout, drawn: np.ndarray) -> np.ndarray:
+    """Whether each drawn token closes its record's prompt: the first code (the first visit opens) or [EOS]."""
+    return (drawn < layout.n_codes) | (drawn == layout.end)
+
+
+def _posterior_prompts(net: TimelineNetwork, patients: np.ndarray, *, key: int,
+                       forced: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(b, n_ctx) accepted prompts ([BOS] and the positions after the prompt: padding): each record's prompt
+    drawn without conditions until its tokens hold every column forced to 1 and none forced to 0."""
+    lay, n_ctx = net.grammar.layout, net.grammar.n_ctx
+    ones, zeros = (np.flatnonzero(f) for f in forced)
+    out = np.full((len(patients), n_ctx), lay.pad, dtype=np.int64)
+    todo = np.arange(len(patients))
+    for attempt in range(MAX_ATTEMPTS):
+        tokens, lengths, _ = _sample(net, patients[todo], key=key, forced=None, stop_after_prompt=True,
+                                     attempt=attempt)
+        present = np.zeros((len(todo), lay.n_columns), dtype=bool)
+        np.put_along_axis(present, tokens, True, axis=1)
+        ok = present[:, ones].all(1) & ~present[:, zeros].any(1)
+        out[todo[ok]] = np.where(np.arange(n_ctx)[None, :] < lengths[ok, None], tokens[ok], lay.pad)
+        out[todo[ok], 0] = lay.pad
+        todo = todo[~ok]
+        if not len(todo):
+            return out
+    raise ConfigError(f"posterior conditioning found no prompt matching the conditions in {MAX_ATTEMPTS} tries "
+                      f"for {len(todo)} record(s): the conditions are too rare under the model; use "
+                      "condition='forced'")
 
 
 def sample_stream(net: TimelineNetwork, decoding: Decoding, n: int, *, generator: torch.Generator,
@@ -148,22 +205,24 @@ def sample_stream(net: TimelineNetwork, decoding: Decoding, n: int, *, generator
                 parts = []
                 for start in range(first, last, config.batch_size):
                     patients = np.arange(start, min(start + config.batch_size, last), dtype=np.int64)
-                    parts.append(sample_batch(net, patients, key=key, forced=forced)[:2])
+                    parts.append(sample_batch(net, patients, key=key, forced=forced,
+                                              condition=config.condition)[:2])
                     bar.update(len(patients))
-                yield decode(net.grammar, decoding, first, parts, conditions)
+                yield decode(net.grammar, decoding, first, parts, conditions, config.condition)
     finally:
         net.coarse.train(modes[0])
         net.head.train(modes[1])
 
 
-def decode(grammar: Grammar, decoding: Decoding, first: int, parts: list, conditions: dict) -> PatientCorpus:
+def decode(grammar: Grammar, decoding: Decoding, first: int, parts: list, conditions: dict,
+           condition: str = "forced") -> PatientCorpus:
     """Sampled sequences -> a corpus through HALO's record decoder (ids ``timeline-<index>``)."""
     width = max(p[0].shape[1] for p in parts)
     tokens = np.concatenate([np.pad(p[0], ((0, 0), (0, width - p[0].shape[1])),
                                     constant_values=grammar.layout.pad) for p in parts])
     lengths = np.concatenate([p[1] for p in parts])
     n_visits, patient, row, column = sequence_ones(grammar.layout, tokens, lengths)
-    stats = {"source": "timeline", "first_patient": int(first), "conditions": conditions, "condition": "forced",
+    stats = {"source": "timeline", "first_patient": int(first), "conditions": conditions, "condition": condition,
              "records_filling_window": int((lengths == grammar.n_ctx).sum())}
     corpus = decode_records(grammar.layout, first_patient=first, n_visits=n_visits, patient=patient, row=row,
                             column=column, codes=decoding.codes, gap_days=decoding.gap_days,
