@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 EHRDIFF_TINY = {"hidden_dims": [64, 64], "time_dim": 32, "fourier_dim": 32}
 HALO_TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32}
+TIMELINE_TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_ctx": 128}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,10 @@ def _train(corpus_dir, out, model, model_options, *, nproc, steps, extra=(), bac
             if "train_loss" in r]
 
 
-def test_halo_two_processes_follow_the_single_process_trajectory(corpus_dir, tmp_path):
-    single = _train(corpus_dir, tmp_path / "one", "halo", HALO_TINY, nproc=1, steps=12)
-    double = _train(corpus_dir, tmp_path / "two", "halo", HALO_TINY, nproc=2, steps=12, flag=True)
+@pytest.mark.parametrize("model, options", [("halo", HALO_TINY), ("timeline", TIMELINE_TINY)])
+def test_two_processes_follow_the_single_process_trajectory(corpus_dir, tmp_path, model, options):
+    single = _train(corpus_dir, tmp_path / "one", model, options, nproc=1, steps=12)
+    double = _train(corpus_dir, tmp_path / "two", model, options, nproc=2, steps=12, flag=True)
     assert len(single) == len(double) == 12
     # Each process averages over its own scored tokens and DDP averages the two gradients, while one process
     # averages over all tokens of the batch: equal when both halves hold as many tokens, close otherwise (the
