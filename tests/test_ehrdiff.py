@@ -33,7 +33,7 @@ from ehrsynth.models.ehrdiff.network import count_parameters
 from ehrsynth.models.io import load_model, save_model
 
 SIGMAS = [0.002, 0.02, 0.14, 0.5, 1.0, 3.7, 80.0]
-TINY = EHRDiffConfig(hidden_dims=(32, 16, 32), time_dim=16, fourier_dim=8)
+TINY = EHRDiffConfig(hidden_dims=(32, 16, 32), time_dim=16, fourier_dim=8, model_statics=False)  # the code columns only
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -67,7 +67,9 @@ class EHRDiffConfig:
         sigma_data: data standard deviation for preconditioning; None estimates it from the training data as
             sqrt(p (1 - p)), p = the mean of all entries of the training matrix (0.14 is the paper's MIMIC value).
         p_mean, p_std: training noise distribution, ln(sigma) ~ N(p_mean, p_std^2) (EDM: -1.2, 1.2).
-        model_statics: append the labels and sex (F, M) as extra 0/1 columns, so they are generated too.
+        model_statics: append the labels and sex (F, M) as extra 0/1 columns, so they are generated too (the
+            default: otherwise every record comes out without sex and labels). False is the paper's model of the
+            codes alone; models saved before this default load with their own setting.
         conditional: learn label/sex embeddings for classifier-free guided conditional generation.
         label_dropout: in conditional training, the probability of dropping all conditions of a patient (the
             unconditional model) and, independently, each single condition (for partial conditions).
@@ -85,7 +87,7 @@ class EHRDiffConfig:
     sigma_data: float | None = None
     p_mean: float = -1.2
     p_std: float = 1.2
-    model_statics: bool = False
+    model_statics: bool = True
     conditional: bool = False
     label_dropout: float = 0.1
     column_weight_power: float = 0.5
@@ -176,8 +178,9 @@ class EHRDiffModel(GenerativeModel):
     # ---- building and training -----------------------------------------------------------------------------
     @classmethod
     def config_from_saved(cls, data: dict[str, Any]) -> EHRDiffConfig:
-        """A saved config; one written before ``denoiser`` existed is the paper's MLP."""
-        return super().config_from_saved({"denoiser": "mlp", "column_weight_power": 0.0, **data})
+        """A saved config; one written before ``denoiser`` existed is the paper's MLP (codes only)."""
+        return super().config_from_saved({"denoiser": "mlp", "column_weight_power": 0.0, "model_statics": False,
+                                          **data})
 
     @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: EHRDiffConfig | None = None) -> EHRDiffModel:

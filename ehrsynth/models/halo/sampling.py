@@ -16,7 +16,9 @@ keeps its own cursor:
    continues from the next column; a record whose undecided columns all drew 0 has finished its row.
 
 So a row costs (its number of ones + 1) fine passes at most, and a batch as many as its fullest record.
-Structural zeros (encoding.py) are never sampled.
+Structural zeros (encoding.py) are never sampled. Each record also carries the codes it has generated so far
+(the fine head's "seen codes" terms, added to the logits) and the running sums of its clock (the coarse
+module's age and time inputs), both updated once per row.
 
 Conditions fix static-row columns in one of two exact ways:
 
