@@ -2,12 +2,13 @@
 generated records, training time and sampling speed, on one torch thread.
 
     python benchmarks/bench_timeline.py                       # GiBleed and the MIMIC-III demo, seed 0
+    python benchmarks/bench_timeline.py --datasets gibleed mimic3 mimic4 synthea --seeds 0 1
     python benchmarks/bench_timeline.py --datasets mimic3 --max-time 60
     python benchmarks/bench_timeline.py --vocab 30000 --batch 8    # paper width at a 30,000-code vocabulary
 
 Each data set is read as bench_quality.py reads it (last 45 visits, seeded split). Each family trains with its
-demo settings (``pipeline.DEMO_SETTINGS``: the small network, cosine schedule, early stopping on the validation
-likelihood, validated every ``--eval-every`` steps), capped by ``--max-time``; then the test part is scored (``perplexity``) and as many patients as
+small preset (``ehrsynth train --preset small``: the small network, lr 2e-3, early stopping on the validation
+likelihood; ``--eval-every`` overrides the validation interval), capped by ``--max-time``; then the test part is scored (``perplexity``) and as many patients as
 the training part are generated and compared with it. Only aggregates are printed.
 """
 
@@ -24,22 +25,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import DATASETS, MAX_VISITS, record_structure_distances, record_structure_shares  # noqa: E402
+from bench_quality import DATASETS, MAX_VISITS  # noqa: E402
 
 from ehrsynth.data.build import BuildOptions  # noqa: E402
+from ehrsynth.evaluation.structure import structure_fidelity  # noqa: E402
 from ehrsynth.models.io import load_model  # noqa: E402
-from ehrsynth.pipeline import DEMO_SETTINGS, train_model  # noqa: E402
+from ehrsynth.pipeline import preset_options, train_model  # noqa: E402
 
 
-def run(corpus, family: str, seed: int, max_time: float, eval_every: int) -> dict[str, float]:
+def run(corpus, family: str, seed: int, max_time: float, eval_every: int | None) -> dict[str, float]:
     train, test = corpus.part("train"), corpus.part("test")
-    settings = DEMO_SETTINGS[family]
+    model_options, training = preset_options(family, "small")
+    if eval_every is not None:
+        training["eval_every"] = eval_every
     with tempfile.TemporaryDirectory(prefix="bench-timeline.") as tmp:
         start = time.perf_counter()
-        result = train_model(family, corpus, Path(tmp) / "run", model_options=settings["model"],
-                             training_options={**settings["training"], "seed": seed, "max_time": max_time,
-                                               "max_steps": 10**6, "max_epochs": 400,
-                                               "eval_every": eval_every}, progress=False)
+        result = train_model(family, corpus, Path(tmp) / "run", model_options=model_options,
+                             training_options={**training, "seed": seed, "max_time": max_time}, progress=False)
         trained = time.perf_counter() - start
         model = load_model(Path(tmp) / "run")
     scored = model.perplexity(test, batch_size=64)
@@ -49,10 +51,17 @@ def run(corpus, family: str, seed: int, max_time: float, eval_every: int) -> dic
     return {"test per-code perplexity": scored["per_code_perplexity"],
             "test per-visit perplexity": scored["per_visit_perplexity"],
             "test mean log p(record)": scored["mean_patient_log_likelihood"],
-            **record_structure_shares(synthetic), **record_structure_distances(train, synthetic),
+            **structure_rows(train, synthetic),
             "steps": result.steps, "best step": result.best_step, "train s": trained,
             "sample s": sampled, "patients/s": train.n_patients / sampled,
             "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def structure_rows(train, synthetic) -> dict[str, float]:
+    shape = structure_fidelity(train, synthetic)
+    return {"empty visit share": shape.empty_visit_share, "undated visit share": shape.undated_visit_share,
+            "unknown sex share": shape.unknown_sex_share, "TV codes per visit": shape.codes_per_visit_tv,
+            "TV visits per patient": shape.visits_per_patient_tv, "TV log2 gap days": shape.log2_gap_days_tv}
 
 
 def vocab_step(n_codes: int, batch: int, steps: int = 2) -> dict[str, float]:
@@ -95,10 +104,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["gibleed", "mimic3"], choices=sorted(DATASETS))
     parser.add_argument("--families", nargs="+", default=["halo", "timeline"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--max-time", type=float, default=300.0, help="training budget per run, seconds")
-    parser.add_argument("--eval-every", type=int, default=25,
-                        help="validation interval in steps (the 72-patient MIMIC-III demo overfits within ~50 steps)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="validation interval in steps (default: the loop's, once per epoch or every 100 steps)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--vocab", type=int, help="instead: one paper-width training step at this vocabulary")
     parser.add_argument("--batch", type=int, default=8, help="--vocab: patients per batch")
@@ -111,10 +120,10 @@ def main() -> None:
     results = {}
     for name in args.datasets:
         corpus = DATASETS[name](BuildOptions(max_visits=MAX_VISITS, seed=0))
-        for family in args.families:
-            row = run(corpus, family, args.seed, args.max_time, args.eval_every)
-            results[f"{name}/{family}"] = row
-            print(f"{name:8s} {family:9s} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        for family, seed in ((f, s) for f in args.families for s in args.seeds):
+            row = run(corpus, family, seed, args.max_time, args.eval_every)
+            results[f"{name}/{family}/{seed}"] = row
+            print(f"{name:8s} {family:9s} seed {seed} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in row.items()), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

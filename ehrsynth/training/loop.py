@@ -46,7 +46,8 @@ from ehrsynth.training import dp
 from ehrsynth.training.checkpoint import cut_metrics, latest_step, load_checkpoint, save_checkpoint
 from ehrsynth.training.validation import append_jsonl, evaluate_loss, to_device, validate_and_keep_best
 
-MIN_EVAL_EVERY = 100  # default validation interval in steps, when an epoch is shorter
+MIN_EVAL_EVERY = 100  # default validation interval in steps, when an epoch is shorter ...
+MAX_EVAL_EPOCHS = 8  # ... but at least every 8 epochs: a 72-patient corpus overfits within 100 steps (33 epochs)
 _clock = time.monotonic  # the loop's clock for time-based checkpoints and --max-time (tests replace it)
 
 
@@ -72,7 +73,8 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value; None disables clipping.
         eval_every: validate every this many steps; None means once per epoch, or every 100 steps when epochs
             are shorter (a small corpus at a large batch has epochs of a step or two: validating each would
-            cost more than training and make ``patience`` count steps). The end of a run always validates.
+            cost more than training and make ``patience`` count steps) but at least every 8 epochs (a
+            72-patient corpus overfits well within 100 steps). The end of a run always validates.
         patience: stop after this many validations in a row without a new best validation value; None disables
             early stopping.
         checkpoint_every: write the resumable checkpoint every this many steps (and always at the end).
@@ -279,7 +281,7 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
     planned = steps_per_epoch * config.max_epochs
     if config.max_steps is not None:
         planned = min(planned, config.max_steps)
-    eval_every = config.eval_every or max(steps_per_epoch, MIN_EVAL_EVERY)
+    eval_every = config.eval_every or max(steps_per_epoch, min(MIN_EVAL_EVERY, MAX_EVAL_EPOCHS * steps_per_epoch))
     use_amp = device.type == "cuda"
     # ---- DP hook (training/dp.py): None unless config.dp_epsilon; the accountant's state lives in state["dp"]
     private = dp.start(config, n_patients, planned, state, world.size)
