@@ -404,7 +404,9 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 TRAINING_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "halo": {"paper": {}, "small": {"batch_size": 32, "lr": 2e-3, "patience": 5}},
     "ehrdiff": {"paper": {}, "small": {"batch_size": 256, "lr": 1e-3, "max_steps": 5000, "eval_every": 250}},
-    "timeline": {"paper": {}, "small": {"batch_size": 32, "lr": 2e-3, "patience": 5}},
+    # constant, as HALO's: the family's cosine warm-up spans 5% of 400 epochs, longer than a small run lasts
+    "timeline": {"paper": {}, "small": {"batch_size": 32, "lr": 2e-3, "patience": 5, "lr_schedule": "constant",
+                                        "warmup_fraction": 0.0}},
 }
 
 
