@@ -27,14 +27,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(*, n_codes: int = 4, labels=("y",), sex=False, age=(), gaps=(0.0, 30.0), seed=0,
-               fine_hidden=None, fine_head="made_direct", seen_codes=None, **structure) -> HaloModel:
+               fine_hidden=None, fine_head="made_direct", seen_codes=None, clock=None, **structure) -> HaloModel:
     """A random HALO small enough to enumerate: n_ctx 5 = start, static, 2 visits, end. Its weights are
     scaled up so the record distribution is far from uniform and history matters; ``structure`` sets the
     layout's validity flags (unknown sex/age/gap, empty visits, records without visits)."""
     meta = CorpusMeta(codes=tuple(f"X/{i}" for i in range(n_codes)), label_names=tuple(labels),
                       extra={"structure": structure})
     config = HaloConfig(n_layer=1, n_head=2, n_embd=8, n_ctx=5, use_sex=sex, age_bucket_edges=age,
-                        gap_bin_edges=gaps, fine_hidden=fine_hidden, fine_head=fine_head, seen_codes=seen_codes)
+                        gap_bin_edges=gaps, fine_hidden=fine_hidden, fine_head=fine_head, seen_codes=seen_codes,
+                        clock=clock)
     torch.manual_seed(seed)
     model = HaloModel(config, meta)
     with torch.no_grad():
@@ -220,6 +221,20 @@ def test_save_load_round_trip_gives_identical_samples(tiny, tmp_path):
     loaded = load_model(tmp_path / "halo")
     assert isinstance(loaded, HaloModel) and loaded.gap_days == model.gap_days
     assert loaded.generate(500, seed=3).equals(model.generate(500, seed=3))
+
+
+def test_models_saved_before_the_seen_codes_and_the_clock_still_load(tmp_path):
+    """A round-2 model.json has no seen_codes / clock keys: it loads as the model it was, without them."""
+    import json
+
+    model = tiny_model(seen_codes=False, clock=False)
+    save_model(model, tmp_path / "old")
+    header = json.loads((tmp_path / "old" / "model.json").read_text())
+    del header["config"]["seen_codes"], header["config"]["clock"]
+    (tmp_path / "old" / "model.json").write_text(json.dumps(header))
+    loaded = load_model(tmp_path / "old")
+    assert loaded.fine.seen_chain is None and loaded.coarse.wfe is None
+    assert loaded.generate(300, seed=4).equals(model.generate(300, seed=4))
 
 
 # ---- a MIMIC-sized vocabulary -------------------------------------------------------------------------------------

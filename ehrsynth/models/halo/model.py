@@ -93,6 +93,11 @@ class HaloModel(GenerativeModel):
 
     # ---- building ------------------------------------------------------------------------------------------
     @classmethod
+    def config_from_saved(cls, data: dict[str, Any]) -> HaloConfig:
+        """A saved config; one written before the seen-codes terms and the clock existed has neither."""
+        return super().config_from_saved({"seen_codes": False, "clock": False, **data})
+
+    @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: HaloConfig | None = None) -> HaloModel:
         """An untrained model for ``corpus``, the training patients (a corpus or a view of one): its vocabulary,
         labels and how many of its records the window truncates.

@@ -75,6 +75,11 @@ class TimelineModel(GenerativeModel):
         self._code_map: tuple[Any, np.ndarray | None] | None = None
 
     @classmethod
+    def config_from_saved(cls, data: dict[str, Any]) -> TimelineConfig:
+        """A saved config; one written before the clock existed has none."""
+        return super().config_from_saved({"clock": False, **data})
+
+    @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: TimelineConfig | None = None) -> TimelineModel:
         """An untrained model for the training patients ``corpus``: vocabulary, validity flags, bins, the date
         model (:mod:`ehrsynth.models.dates`) and how many records the window truncates (warned and counted)."""
