@@ -312,7 +312,7 @@ def test_clock_inputs_are_age_and_years_since_the_first_visit(gibleed_train):
     patients = np.arange(40)
     batch = model.collate(gibleed_train, patients)
     x = dense_rows(batch["ones"], batch["lengths"], model.layout.n_columns, n_rows=batch["n_rows"])
-    clock = model.network.rows_in(x).numpy()  # (B, T, 3)
+    clock = model.network.clock_inputs(x).numpy()  # (B, T, 3)
     vo, days = np.asarray(gibleed_train.visit_offsets), np.asarray(gibleed_train.visit_days)
     for p in patients:
         gaps = np.diff(days[vo[p]:vo[p + 1]])

@@ -166,7 +166,7 @@ def test_likelihood_equals_the_samplers_log_probabilities(tiny):
 def test_kv_cache_gives_the_full_forward_logits():
     model = tiny_model(n_codes=20, n_ctx=32)
     tokens = torch.randint(0, model.layout.n_columns, (5, 30))
-    clock = model.network.clock_in(tokens)  # (5, 30, 3): cumulative, so each step's slice is its own
+    clock = model.network.clock_inputs(tokens)  # (5, 30, 3): cumulative, so each step's slice is its own
     full = model.coarse(tokens, features=clock)
     cache = model.coarse.new_cache(5)
     steps = [model.coarse(tokens[:, :7], cache, features=clock[:, :7])] + [

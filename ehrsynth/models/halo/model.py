@@ -195,7 +195,7 @@ class HaloModel(GenerativeModel):
         if packed is None:  # per row and layer: 12 d^2 for the linear layers, 2 d x (keys seen) for attention
             n, d = rows.shape[0], self.config.n_embd
             packed = n * (12 * d + 2 * n) < B * (T - 1) * (12 * d + 2 * (T - 1))
-        clock = self.network.rows_in(x)  # (B, T, 3) or None
+        clock = self.network.clock_inputs(x)  # (B, T, 3) or None
         if packed:
             features = None if clock is None else clock.view(B * T, -1).index_select(0, inputs)[None]
             h = self.coarse(flat.index_select(0, inputs)[None], positions=positions,

@@ -355,7 +355,7 @@ class HaloNetwork:
     fine: FineHead
     clock: torch.Tensor | None = None
 
-    def rows_in(self, rows: torch.Tensor) -> torch.Tensor | None:
+    def clock_inputs(self, rows: torch.Tensor) -> torch.Tensor | None:
         """The coarse module's features for rows (B, T, C) of whole records (None without a clock)."""
         return None if self.clock is None else row_clock(rows, self.clock)
 

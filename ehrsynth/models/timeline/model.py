@@ -148,7 +148,7 @@ class TimelineModel(GenerativeModel):
         n, d = scored.shape[0], self.config.n_embd
         if packed is None:
             packed = n * (12 * d + 2 * n) < B * (T - 1) * (12 * d + 2 * (T - 1))
-        clock = self.network.clock_in(tokens[:, :-1])  # (B, T-1, 3) or None
+        clock = self.network.clock_inputs(tokens[:, :-1])  # (B, T-1, 3) or None
         if packed:
             record, positions = scored // (T - 1), scored % (T - 1)
             inputs = tokens.reshape(-1).index_select(0, record * T + positions)

@@ -46,7 +46,7 @@ class TimelineNetwork:
     grammar: Grammar
     clock: torch.Tensor | None = None  # (K, 3): HALO's clock matrix over the tokens, when the transformer takes it
 
-    def clock_in(self, tokens: torch.Tensor) -> torch.Tensor | None:
+    def clock_inputs(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """(B, T, 3) clock inputs of token sequences (B, T): token t's from tokens 0..t (None without a clock)."""
         return None if self.clock is None else clock_features(torch.cumsum(self.clock[tokens], dim=1))
 
