@@ -102,7 +102,7 @@ def parse_datetime(frame: pl.DataFrame, column: str, file: str | Path) -> pl.Ser
             :data:`MAX_UNPARSED_DATE_SHARE` of the non-empty values fail, or when the day/month order is
             ambiguous.
     """
-    from ehrsynth.data.tables import ROW, first_failure
+    from ehrsynth.data.tables import first_failure
 
     source = frame[column]
     if source.dtype == pl.Date or isinstance(source.dtype, pl.Datetime):

@@ -190,6 +190,24 @@ class ColumnLayout:
         return self.n_codes + 2
 
 
+def clock_extra(dates: Any, gap_edges: tuple[float, ...], age_edges: tuple[float, ...]) -> dict[str, list[float]]:
+    """The ``meta.extra`` entries of the clock: each gap bin and age bucket counted at the mean of its training
+    values (from the date model ``dates``, :mod:`ehrsynth.models.dates`), not its edge (the open last gap bin
+    would count as its lower edge)."""
+    from ehrsynth.models.dates import bin_means
+
+    return {"clock_gap_days": bin_means(dates.gap_quantiles, bin_values(gap_edges)),
+            "clock_age_years": bin_means(dates.age_quantiles, bin_values(age_edges))}
+
+
+def model_clock(layout: ColumnLayout, extra: dict[str, Any], gap_days: tuple[float, ...],
+                age_years: tuple[float, ...]) -> torch.Tensor:
+    """The (C, 3) clock matrix of a model from its ``meta.extra`` (:func:`clock_extra`), falling back to the
+    bins' decoded values ``gap_days`` / ``age_years`` for a model saved without those entries."""
+    return torch.from_numpy(clock_matrix(layout, tuple(extra.get("clock_gap_days", gap_days)),
+                                         tuple(extra.get("clock_age_years", age_years))))
+
+
 def clock_matrix(layout: ColumnLayout, gap_days: tuple[float, ...], age_years: tuple[float, ...]) -> np.ndarray:
     """(C, 3) float32: what a 1 in each column adds to the running (age years, elapsed days, age known) of
     HALO's clock (:func:`~.network.row_clock`): an age bucket its value in years, a gap bin its days; unknown

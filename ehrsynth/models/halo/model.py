@@ -30,12 +30,12 @@ from ehrsynth.data.corpus import PatientCorpus, ragged_indices
 from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
-from ehrsynth.models.dates import bin_means, date_chunks, date_generated
+from ehrsynth.models.dates import date_chunks, date_generated
 from ehrsynth.models.dates import fit as fit_dates
 from ehrsynth.models.halo.config import HaloConfig
 from ehrsynth.models.halo.encoding import (
-    STRUCTURE_FLAGS, UNSCORED, ColumnLayout, bin_values, clock_matrix, dense_rows, encode_records, input_rows,
-    row_kinds,
+    STRUCTURE_FLAGS, UNSCORED, ColumnLayout, bin_values, clock_extra, dense_rows, encode_records, input_rows,
+    model_clock, row_kinds,
 )
 from ehrsynth.models.halo.likelihood import LikelihoodResult, factor_log_likelihood, log_likelihood, perplexity_report
 from ehrsynth.models.halo.network import (
@@ -84,11 +84,8 @@ class HaloModel(GenerativeModel):
                              seen_codes=self.layout.n_codes if config.uses_seen_codes else 0)
         self.gap_days = tuple(meta.extra.get("gap_bin_days", bin_values(config.gap_bin_edges)))
         self.age_years = tuple(meta.extra.get("age_bucket_years", bin_values(config.age_bucket_edges)))
-        clock = None
-        if config.uses_clock:  # a buffer, rebuilt from meta.extra (not saved with the weights)
-            clock = torch.from_numpy(clock_matrix(self.layout, tuple(meta.extra.get("clock_gap_days", self.gap_days)),
-                                                  tuple(meta.extra.get("clock_age_years", self.age_years))))
-        self.register_buffer("clock", clock, persistent=False)
+        clock = model_clock(self.layout, meta.extra, self.gap_days, self.age_years) if config.uses_clock else None
+        self.register_buffer("clock", clock, persistent=False)  # rebuilt from meta.extra, not saved with the weights
         self._code_map: tuple[Any, np.ndarray | None] | None = None  # (corpus vocabulary, its column map)
 
     # ---- building ------------------------------------------------------------------------------------------
@@ -128,9 +125,7 @@ class HaloModel(GenerativeModel):
             patients_truncated=int((over > 0).sum()),
             visits_truncated=int(over.sum()),
             dates=dates.to_dict(),
-            # HALO's clock counts each bin at the mean of its training values (the open last gap bin is not 730)
-            clock_gap_days=bin_means(dates.gap_quantiles, bin_values(config.gap_bin_edges)),
-            clock_age_years=bin_means(dates.age_quantiles, bin_values(config.age_bucket_edges)),
+            **clock_extra(dates, config.gap_bin_edges, config.age_bucket_edges),
         )
         return cls(config, meta)
 

@@ -19,9 +19,8 @@ from ehrsynth.data.view import CorpusView
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.base import CorpusMeta, GenerativeModel
 from ehrsynth.models.dates import date_chunks
-from ehrsynth.models.dates import bin_means
 from ehrsynth.models.dates import fit as fit_dates
-from ehrsynth.models.halo.encoding import STRUCTURE_FLAGS, ColumnLayout, bin_values, clock_matrix
+from ehrsynth.models.halo.encoding import STRUCTURE_FLAGS, ColumnLayout, bin_values, clock_extra, model_clock
 from ehrsynth.models.halo.model import _seed, corpus_structure, unknown_code_names
 from ehrsynth.models.halo.network import CLOCK_FEATURES, CoarseTransformer, packed_mask
 from ehrsynth.models.halo.sampling import Decoding, GenerationConfig
@@ -66,11 +65,9 @@ class TimelineModel(GenerativeModel):
                                  gap_days=tuple(meta.extra.get("gap_bin_days", bin_values(config.gap_bin_edges))),
                                  age_years=tuple(meta.extra.get("age_bucket_years",
                                                                 bin_values(config.age_bucket_edges))))
-        clock = None
-        if config.clock:  # tokens are the layout's columns, so HALO's clock matrix applies as it is
-            clock = torch.from_numpy(clock_matrix(
-                self.layout, tuple(meta.extra.get("clock_gap_days", self.decoding.gap_days)),
-                tuple(meta.extra.get("clock_age_years", self.decoding.age_years))))
+        # tokens are the layout's columns, so HALO's clock matrix applies as it is
+        clock = model_clock(self.layout, meta.extra, self.decoding.gap_days, self.decoding.age_years) \
+            if config.clock else None
         self.register_buffer("clock", clock, persistent=False)
         self._code_map: tuple[Any, np.ndarray | None] | None = None
 
@@ -92,9 +89,7 @@ class TimelineModel(GenerativeModel):
             view, structure=corpus_structure(view),
             gap_bin_days=list(bin_values(config.gap_bin_edges)),
             age_bucket_years=list(bin_values(config.age_bucket_edges)),
-            dates=dates.to_dict(),
-            clock_gap_days=bin_means(dates.gap_quantiles, bin_values(config.gap_bin_edges)),
-            clock_age_years=bin_means(dates.age_quantiles, bin_values(config.age_bucket_edges)))
+            dates=dates.to_dict(), **clock_extra(dates, config.gap_bin_edges, config.age_bucket_edges))
         model = cls(config, meta)
         trunc = {"patients_truncated": 0, "visits_truncated": 0, "codes_truncated": 0}
         for start in range(0, view.n_patients, 4096):
