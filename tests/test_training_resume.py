@@ -225,9 +225,11 @@ def test_train_command_budget_flags_and_resume_without_checkpoint(mimic3_corpus,
         "training"]["max_time"] == 90.0  # a bare number is minutes
     small = json.loads(CliRunner().invoke(cli, [*base, "--dry-run"]).output)
     assert small["model"]["n_embd"] == 128  # the small preset's network ...
-    assert (small["training"]["lr"], small["training"]["batch_size"], small["training"]["patience"]) == (2e-3, 32, 5)
+    assert (small["training"]["lr"], small["training"]["batch_size"], small["training"]["patience"],
+            small["training"]["ema_decay"]) == (2e-3, 32, 5, 0.99)
     paper = json.loads(CliRunner().invoke(cli, [*base[:-2], "--lr", "3e-4", "--dry-run"]).output)["training"]
-    assert (paper["lr"], paper["batch_size"], paper["patience"]) == (3e-4, 48, 10)  # ... the paper's; flags win
+    assert (paper["lr"], paper["batch_size"], paper["patience"], paper["ema_decay"]) == (3e-4, 48, 10, None)
+    # ... the paper's (no weight averaging); flags win
     bad = CliRunner().invoke(cli, [*base, "--max-time", "soon"])
     assert bad.exit_code == 2 and "--max-time" in bad.output
     done = CliRunner().invoke(cli, [*base, "--resume", "--max-steps", "3", "--device", "cpu"])

@@ -27,6 +27,11 @@ class TimelineConfig:
             at least one bin is required (it is also what separates visits).
         clock: feed the transformer each token's approximate age and time since the first visit, summed from
             the age and gap tokens so far (HALO's clock, :data:`~ehrsynth.models.halo.network.CLOCK_FEATURES`).
+        tail_term: add beta(h) * log(T(c) / T(after prev)) to each code's logit, T(c) being the training
+            frequency mass of codes from c on and beta >= 0 learned from the state: the exact conditional of a
+            visit's codes drawn independently and then sorted, beta + 1 codes still to come. Without it an
+            untrained or data-starved model jumps far ahead in the canonical order and ends visits early
+            (:class:`~ehrsynth.models.timeline.sampling.TimelineNetwork`).
     """
 
     n_layer: int = 12
@@ -40,6 +45,7 @@ class TimelineConfig:
     age_bucket_edges: tuple[float, ...] = DEFAULT_AGE_EDGES
     gap_bin_edges: tuple[float, ...] = DEFAULT_GAP_EDGES
     clock: bool = True
+    tail_term: bool = True
 
     def __post_init__(self) -> None:
         check_transformer(self, min_ctx=8, ctx_meaning="tokens")

@@ -60,6 +60,13 @@ class TimelineModel(GenerativeModel):
         self.head = torch.nn.Linear(config.n_embd, K)
         torch.nn.init.normal_(self.head.weight, std=0.02)
         torch.nn.init.zeros_(self.head.bias)
+        self.tail_scale = None
+        if config.tail_term:  # beta starts at softplus(log(e - 1)) = 1 whatever the state
+            self.tail_scale = torch.nn.Linear(config.n_embd, 1)
+            torch.nn.init.zeros_(self.tail_scale.weight)
+            torch.nn.init.constant_(self.tail_scale.bias, float(np.log(np.e - 1.0)))
+            # saved with the weights: log T(c) of the training codes (from_corpus), uniform until then
+            self.register_buffer("code_log_tail", log_tail_mass(np.ones(self.layout.n_codes)))
         self.grammar = Grammar(self.layout, config.n_ctx)
         self.decoding = Decoding(codes=tuple(meta.codes),
                                  gap_days=tuple(meta.extra.get("gap_bin_days", bin_values(config.gap_bin_edges))),
@@ -73,8 +80,8 @@ class TimelineModel(GenerativeModel):
 
     @classmethod
     def config_from_saved(cls, data: dict[str, Any]) -> TimelineConfig:
-        """A saved config; one written before the clock existed has none."""
-        return super().config_from_saved({"clock": False, **data})
+        """A saved config; one written before the clock or the tail term existed has neither."""
+        return super().config_from_saved({"clock": False, "tail_term": False, **data})
 
     @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: TimelineConfig | None = None) -> TimelineModel:
@@ -92,17 +99,34 @@ class TimelineModel(GenerativeModel):
             dates=dates.to_dict(), **clock_extra(dates, config.gap_bin_edges, config.age_bucket_edges))
         model = cls(config, meta)
         trunc = {"patients_truncated": 0, "visits_truncated": 0, "codes_truncated": 0}
+        target_counts = np.zeros(model.layout.n_columns, dtype=np.float64)
         for start in range(0, view.n_patients, 4096):
             enc = model.encode(view.corpus, view.patients[start:start + 4096])
             trunc["patients_truncated"] += int(((enc.truncated_visits + enc.truncated_codes) > 0).sum())
             trunc["visits_truncated"] += int(enc.truncated_visits.sum())
             trunc["codes_truncated"] += int(enc.truncated_codes.sum())
+            position = np.arange(enc.tokens.shape[1])[None, :]
+            targets = enc.tokens[(position >= 1) & (position < enc.lengths[:, None])]
+            target_counts += np.bincount(targets, minlength=model.layout.n_columns)
+        model.init_from_frequencies(target_counts)
         if trunc["patients_truncated"]:
             warnings.warn(f"{trunc['patients_truncated']} of {view.n_patients} patients do not fit n_ctx = "
                           f"{config.n_ctx} tokens; their last visits are kept ({trunc['visits_truncated']} earlier "
                           f"visits, {trunc['codes_truncated']} codes of over-long visits dropped)", stacklevel=2)
         meta.extra.update(trunc)
         return model
+
+    def init_from_frequencies(self, target_counts: np.ndarray) -> None:
+        """Start the output layer at the log-frequency of each token as a target in the training records (add-one
+        smoothed), and the tail term at the training code masses (beta stays 1: starting it at the mean visit's
+        codes to come was measured worse on MIMIC-III). With a zero bias the untrained masked softmax is uniform
+        over the codes after the previous one, so a visit ends after about ln(V) codes whatever the data
+        (docs/benchmarks.md "Quality, round 4")."""
+        counts = torch.as_tensor(target_counts, dtype=torch.float64) + 1.0
+        with torch.no_grad():
+            self.head.bias.copy_((counts / counts.sum()).log().to(self.head.bias.dtype))
+            if self.tail_scale is not None:
+                self.code_log_tail.copy_(log_tail_mass(target_counts[:self.layout.n_codes] + 1.0))
 
     @classmethod
     def default_train_config(cls) -> dict[str, Any]:
@@ -188,7 +212,8 @@ class TimelineModel(GenerativeModel):
 
     @property
     def network(self) -> TimelineNetwork:
-        return TimelineNetwork(self.coarse, self.head, self.grammar, self.clock)
+        tail = {} if self.tail_scale is None else {"tail_scale": self.tail_scale, "code_log_tail": self.code_log_tail}
+        return TimelineNetwork(self.coarse, self.head, self.grammar, self.clock, **tail)
 
     # ---- likelihood ----------------------------------------------------------------------------------------
     def log_likelihood(self, corpus: PatientCorpus, *, batch_size: int = 256,
@@ -231,6 +256,14 @@ class TimelineModel(GenerativeModel):
         for corpus in date_chunks(self.meta.extra, stream, seed=seed):
             corpus.stats["seed"] = int(seed)
             yield corpus
+
+
+def log_tail_mass(code_counts: np.ndarray) -> torch.Tensor:
+    """(V + 1,) float32 log T(c) = log of the share of code occurrences at ids c, c + 1, ... (the last entry, for
+    after the last code, repeats the one before: no code can follow it, so the value is never used)."""
+    share = np.asarray(code_counts, dtype=np.float64) / float(np.sum(code_counts))
+    tail = np.log(np.maximum(np.cumsum(share[::-1])[::-1], 1e-300))
+    return torch.as_tensor(np.r_[tail, tail[-1:]], dtype=torch.float32)
 
 
 def scored_positions(lengths: np.ndarray, T: int, n_ctx: int) -> np.ndarray:

@@ -45,6 +45,8 @@ class TimelineNetwork:
     head: torch.nn.Linear
     grammar: Grammar
     clock: torch.Tensor | None = None  # (K, 3): HALO's clock matrix over the tokens, when the transformer takes it
+    tail_scale: torch.nn.Linear | None = None  # h -> beta (before softplus), with the tail term
+    code_log_tail: torch.Tensor | None = None  # (V + 1,): log T(c), the training mass of codes c, c + 1, ...
 
     def clock_inputs(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """(B, T, 3) clock inputs of token sequences (B, T): token t's from tokens 0..t (None without a clock)."""
@@ -56,7 +58,13 @@ class TimelineNetwork:
         allowed = self.grammar.allowed(prev, pos)
         if forced is not None:
             allowed &= condition_mask(self.grammar.layout, prev, *forced)
-        logp = F.log_softmax(self.head(h).float().masked_fill(~allowed, float("-inf")), dim=-1)
+        logits = self.head(h).float()
+        if self.tail_scale is not None:  # codes drawn independently and sorted: p(c) ~ f(c) (T(c) / T(prev+1))^beta
+            V, log_tail = self.grammar.layout.n_codes, self.code_log_tail
+            beta = F.softplus(self.tail_scale(h).float())  # (N, 1)
+            after = torch.where(prev < V, log_tail[(prev + 1).clamp(max=V)], torch.zeros_like(log_tail[0]))
+            logits = torch.cat([logits[:, :V] + beta * (log_tail[None, :V] - after[:, None]), logits[:, V:]], 1)
+        logp = F.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
         if forced is not None:  # a fixed sex / age bucket takes its whole group's mass: what precedes keeps its own
             lay = self.grammar.layout
             for a, b in ((lay.sex_start, lay.age_start), (lay.age_start, lay.gap_start)):
