@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import DATASETS, MAX_VISITS  # noqa: E402
+from bench_quality import DATASETS, MAX_VISITS, parse_pairs  # noqa: E402
 
 from ehrsynth.data.build import BuildOptions  # noqa: E402
 from ehrsynth.evaluation.structure import structure_fidelity  # noqa: E402
@@ -33,11 +33,14 @@ from ehrsynth.models.io import load_model  # noqa: E402
 from ehrsynth.pipeline import preset_options, train_model  # noqa: E402
 
 
-def run(corpus, family: str, seed: int, max_time: float, eval_every: int | None) -> dict[str, float]:
+def run(corpus, family: str, seed: int, max_time: float, eval_every: int | None, model_overrides=None,
+        train_overrides=None) -> dict[str, float]:
     train, test = corpus.part("train"), corpus.part("test")
     model_options, training = preset_options(family, "small")
     if eval_every is not None:
         training["eval_every"] = eval_every
+    model_options.update((model_overrides or {}).get(family, {}))
+    training.update(train_overrides or {})
     with tempfile.TemporaryDirectory(prefix="bench-timeline.") as tmp:
         start = time.perf_counter()
         result = train_model(family, corpus, Path(tmp) / "run", model_options=model_options,
@@ -108,6 +111,10 @@ def main() -> None:
     parser.add_argument("--max-time", type=float, default=300.0, help="training budget per run, seconds")
     parser.add_argument("--eval-every", type=int, default=None,
                         help="validation interval in steps (default: the loop's, once per epoch or every 100 steps)")
+    parser.add_argument("--timeline", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="timeline model overrides, e.g. tail_term=false")
+    parser.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="training overrides for both families, e.g. ema_decay=null")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--vocab", type=int, help="instead: one paper-width training step at this vocabulary")
     parser.add_argument("--batch", type=int, default=8, help="--vocab: patients per batch")
@@ -121,7 +128,8 @@ def main() -> None:
     for name in args.datasets:
         corpus = DATASETS[name](BuildOptions(max_visits=MAX_VISITS, seed=0))
         for family, seed in ((f, s) for f in args.families for s in args.seeds):
-            row = run(corpus, family, seed, args.max_time, args.eval_every)
+            row = run(corpus, family, seed, args.max_time, args.eval_every,
+                      {"timeline": parse_pairs(args.timeline)}, parse_pairs(args.train))
             results[f"{name}/{family}/{seed}"] = row
             print(f"{name:8s} {family:9s} seed {seed} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                      for k, v in row.items()), flush=True)

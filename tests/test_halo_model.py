@@ -300,9 +300,10 @@ def gibleed_train(data_dir):
     return read_omop(data_dir / "omop-gibleed", options=BuildOptions(max_visits=45, seed=0)).part("train")
 
 
-def test_clock_inputs_are_age_and_years_since_the_first_visit(gibleed_train):
+def test_coarse_inputs_are_age_years_since_the_first_visit_and_codes_so_far(gibleed_train):
     """Row t's clock (GiBleed): the age bucket's mean training age plus the mean training days of the gap bins of
-    visits 1..t, computed here from the corpus itself; the first two rows (start, static) only know the age."""
+    visits 1..t, computed here from the corpus itself; the first two rows (start, static) only know the age.
+    Then the history input: the codes of visits 0..t, also from the corpus."""
     from ehrsynth.models.halo.encoding import bin_index
 
     model = HaloModel.from_corpus(gibleed_train, HaloConfig.small())
@@ -311,9 +312,18 @@ def test_clock_inputs_are_age_and_years_since_the_first_visit(gibleed_train):
     patients = np.arange(40)
     batch = model.collate(gibleed_train, patients)
     x = dense_rows(batch["ones"], batch["lengths"], model.layout.n_columns, n_rows=batch["n_rows"])
-    clock = model.network.clock_inputs(x).numpy()  # (B, T, 3)
+    features = model.network.coarse_inputs(x).numpy()  # (B, T, 3 + V)
+    V = model.layout.n_codes
+    assert features.shape[2] == 3 + V
+    clock, history = features[..., :3], features[..., 3:]
     vo, days = np.asarray(gibleed_train.visit_offsets), np.asarray(gibleed_train.visit_days)
+    co, codes = np.asarray(gibleed_train.code_offsets), np.asarray(gibleed_train.codes)
     for p in patients:
+        so_far = np.zeros(V)
+        assert not history[p, :2].any()  # start and static rows: nothing recorded yet
+        for k, visit in enumerate(range(vo[p], vo[p + 1])):
+            so_far[codes[co[visit]:co[visit + 1]]] = 1  # the corpus vocabulary is the model's here
+            np.testing.assert_array_equal(history[p, 2 + k], so_far)
         gaps = np.diff(days[vo[p]:vo[p + 1]])
         elapsed = np.concatenate([[0.0], np.cumsum(np.asarray(extra["clock_gap_days"])[
             bin_index(gaps, model.layout.gap_edges)])]) / 365.25

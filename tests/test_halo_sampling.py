@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(*, n_codes: int = 4, labels=("y",), sex=False, age=(), gaps=(0.0, 30.0), seed=0,
-               fine_hidden=None, fine_head="made_direct", seen_codes=None, clock=None, **structure) -> HaloModel:
+               fine_hidden=None, fine_head="made_direct", seen_codes=None, clock=None, history_input=None,
+               **structure) -> HaloModel:
     """A random HALO small enough to enumerate: n_ctx 5 = start, static, 2 visits, end. Its weights are
     scaled up so the record distribution is far from uniform and history matters; ``structure`` sets the
     layout's validity flags (unknown sex/age/gap, empty visits, records without visits)."""
@@ -35,13 +36,15 @@ def tiny_model(*, n_codes: int = 4, labels=("y",), sex=False, age=(), gaps=(0.0,
                       extra={"structure": structure})
     config = HaloConfig(n_layer=1, n_head=2, n_embd=8, n_ctx=5, use_sex=sex, age_bucket_edges=age,
                         gap_bin_edges=gaps, fine_hidden=fine_hidden, fine_head=fine_head, seen_codes=seen_codes,
-                        clock=clock)
+                        clock=clock, history_input=history_input)
     torch.manual_seed(seed)
     model = HaloModel(config, meta)
     with torch.no_grad():
         model.coarse.wte.weight.normal_(0, 1.0)
-        if model.coarse.wfe is not None:  # the clock inputs matter too
+        if model.coarse.wfe is not None:  # the clock inputs and the codes recorded so far matter too
             model.coarse.wfe.weight.normal_(0, 1.0)
+            if config.uses_history_input:
+                model.coarse.wfe.weight[:, -n_codes:].mul_(0.5)  # ... without concentrating the records
         for p in model.fine.parameters():
             direct = (getattr(model.fine.direct, "weight", None), model.fine.prefix_out, model.fine.seen_chain,
                       model.fine.seen_first)  # zero at initialisation: drawn here so they matter
@@ -161,7 +164,7 @@ def test_sampler_matches_exact_distribution(tiny, variant):
 def test_one_hot_groups_and_forced_condition_are_exact():
     """Sex, age bucket and gap are one-hot groups; forcing sex=F samples the labels from their marginal and
     everything after sex from its exact conditional, i.e. p(record) / p(F | labels) on records with sex F."""
-    model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=9)  # a seed whose distribution spreads
+    model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=13)  # a seed whose distribution spreads
     enumerated = enumerate_records(model)
     probs = np.exp(model.log_likelihood(enumerated, batch_size=4096).patient_log_likelihood)
     assert abs(probs.sum() - 1) < 1e-6
@@ -179,7 +182,7 @@ def test_one_hot_groups_and_forced_condition_are_exact():
 
 def test_posterior_condition_is_exact():
     """condition="posterior" samples p(record | sex=F, age bucket 1) exactly, whatever the column order."""
-    model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=9)  # a seed whose distribution spreads
+    model = tiny_model(n_codes=2, sex=True, age=(0.0, 50.0), seed=13)  # a seed whose distribution spreads
     enumerated = enumerate_records(model)
     probs = np.exp(model.log_likelihood(enumerated, batch_size=4096).patient_log_likelihood)
     match = (enumerated.sex == 0) & (enumerated.age_at_first_visit == model.age_years[1])
@@ -223,14 +226,15 @@ def test_save_load_round_trip_gives_identical_samples(tiny, tmp_path):
     assert loaded.generate(500, seed=3).equals(model.generate(500, seed=3))
 
 
-def test_models_saved_before_the_seen_codes_and_the_clock_still_load(tmp_path):
-    """A round-2 model.json has no seen_codes / clock keys: it loads as the model it was, without them."""
+def test_models_saved_before_the_seen_codes_the_clock_and_the_history_input_still_load(tmp_path):
+    """A round-2 model.json has no seen_codes / clock / history_input keys: it loads as the model it was,
+    without them."""
     import json
 
-    model = tiny_model(seen_codes=False, clock=False)
+    model = tiny_model(seen_codes=False, clock=False, history_input=False)
     save_model(model, tmp_path / "old")
     header = json.loads((tmp_path / "old" / "model.json").read_text())
-    del header["config"]["seen_codes"], header["config"]["clock"]
+    del header["config"]["seen_codes"], header["config"]["clock"], header["config"]["history_input"]
     (tmp_path / "old" / "model.json").write_text(json.dumps(header))
     loaded = load_model(tmp_path / "old")
     assert loaded.fine.seen_chain is None and loaded.coarse.wfe is None

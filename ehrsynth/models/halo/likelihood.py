@@ -118,7 +118,7 @@ def row_log_likelihood(network: HaloNetwork, layout: ColumnLayout, batch: dict[s
     x = dense_rows(batch["ones"], batch["lengths"], layout.n_columns, n_rows=batch.get("n_rows"))  # (B, T, C)
     B, T, C = x.shape
     seen = None if network.fine.seen_chain is None else seen_codes(x[:, :-1], layout.n_codes)
-    clock = network.clock_inputs(x[:, :-1])
+    clock = network.coarse_inputs(x[:, :-1])
     h = network.coarse(x[:, :-1], features=clock)
     logits, first = network.fine(h, x[:, 1:], seen)  # (B, T-1, C), (B, T-1, V + 2)
     kinds = target_row_kinds(batch["lengths"], T, network.n_ctx)  # (B, T-1)

@@ -76,7 +76,8 @@ class HaloModel(GenerativeModel):
         C = self.layout.n_columns
         self.coarse = CoarseTransformer(C, config.n_embd, config.n_head, config.n_layer, config.n_ctx,
                                         dropout=config.dropout, eps=config.layer_norm_eps,
-                                        n_features=CLOCK_FEATURES if config.uses_clock else 0)
+                                        n_features=CLOCK_FEATURES * config.uses_clock
+                                        + self.layout.n_codes * config.uses_history_input)
         self.fine = FineHead(config.n_embd, C, config.fine_hidden, order=torch.as_tensor(self.layout.order),
                              group_first=torch.as_tensor(self.layout.group_first()), n_first=self.layout.n_first,
                              direct=config.fine_head == "made_direct",
@@ -91,8 +92,9 @@ class HaloModel(GenerativeModel):
     # ---- building ------------------------------------------------------------------------------------------
     @classmethod
     def config_from_saved(cls, data: dict[str, Any]) -> HaloConfig:
-        """A saved config; one written before the seen-codes terms and the clock existed has neither."""
-        return super().config_from_saved({"seen_codes": False, "clock": False, **data})
+        """A saved config; one written before the seen-codes terms, the clock or the history input existed has
+        none of them."""
+        return super().config_from_saved({"seen_codes": False, "clock": False, "history_input": False, **data})
 
     @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: HaloConfig | None = None) -> HaloModel:
@@ -190,7 +192,7 @@ class HaloModel(GenerativeModel):
         if packed is None:  # per row and layer: 12 d^2 for the linear layers, 2 d x (keys seen) for attention
             n, d = rows.shape[0], self.config.n_embd
             packed = n * (12 * d + 2 * n) < B * (T - 1) * (12 * d + 2 * (T - 1))
-        clock = self.network.clock_inputs(x)  # (B, T, 3) or None
+        clock = self.network.coarse_inputs(x)  # (B, T, 3 + V) clock and codes so far, either, or None
         if packed:
             features = None if clock is None else clock.view(B * T, -1).index_select(0, inputs)[None]
             h = self.coarse(flat.index_select(0, inputs)[None], positions=positions,
@@ -237,7 +239,8 @@ class HaloModel(GenerativeModel):
     # ---- the pieces the sampler and the likelihood take ------------------------------------------------------
     @property
     def network(self) -> HaloNetwork:
-        return HaloNetwork(self.coarse, self.fine, self.clock)
+        return HaloNetwork(self.coarse, self.fine, self.clock,
+                           self.layout.n_codes if self.config.uses_history_input else 0)
 
     @property
     def decoding(self) -> Decoding:

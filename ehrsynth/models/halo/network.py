@@ -346,18 +346,30 @@ def row_clock(rows: torch.Tensor, clock: torch.Tensor) -> torch.Tensor:
     return clock_features(torch.cumsum(rows @ clock, dim=1))
 
 
+def coarse_features(clock: torch.Tensor | None, history: torch.Tensor | None) -> torch.Tensor | None:
+    """The coarse module's numeric inputs of a row: its clock inputs (..., 3) and/or the codes recorded up to and
+    including it (..., V), concatenated in that order; None when the module takes neither."""
+    parts = [part for part in (clock, history) if part is not None]
+    return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
 @dataclass(frozen=True)
 class HaloNetwork:
-    """The two modules the sampler and the likelihood run (they never need the model class), and the clock
-    matrix (C, 3) when the coarse module takes clock inputs (:func:`row_clock`)."""
+    """The two modules the sampler and the likelihood run (they never need the model class), the clock matrix
+    (C, 3) when the coarse module takes clock inputs (:func:`row_clock`), and the number of codes V when it takes
+    the codes recorded so far (``HaloConfig.history_input``; 0: it does not)."""
 
     coarse: CoarseTransformer
     fine: FineHead
     clock: torch.Tensor | None = None
+    history_codes: int = 0
 
-    def clock_inputs(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """The coarse module's features for rows (B, T, C) of whole records (None without a clock)."""
-        return None if self.clock is None else row_clock(rows, self.clock)
+    def coarse_inputs(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The coarse module's features for rows (B, T, C) of whole records: row t's from rows 0..t (None when
+        it takes none)."""
+        clock = None if self.clock is None else row_clock(rows, self.clock)
+        history = seen_codes(rows, self.history_codes) if self.history_codes else None
+        return coarse_features(clock, history)
 
     @property
     def n_ctx(self) -> int:

@@ -53,7 +53,7 @@ from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.errors import ConfigError
 from ehrsynth.models.conditions import Conditions
 from ehrsynth.models.halo.encoding import FIRST_VISIT, STATIC, VISIT, ColumnLayout, bin_index, decode_records
-from ehrsynth.models.halo.network import FineWeights, HaloNetwork, clock_features, fine_weights
+from ehrsynth.models.halo.network import FineWeights, HaloNetwork, clock_features, coarse_features, fine_weights
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 MAX_ATTEMPTS = 10_000  # static rows tried per record by posterior conditioning
@@ -285,16 +285,18 @@ def sample_batch(
     x = torch.zeros(b, 1, C, device=device)
     x[:, 0, layout.start] = 1.0
     V = layout.n_codes
-    seen = None if weights.seen_chain is None else torch.zeros(b, V, device=device)  # codes recorded so far
+    seen_terms = weights.seen_chain is not None  # the fine head's "seen before" terms
+    track = seen_terms or network.history_codes > 0
+    seen = torch.zeros(b, V, device=device) if track else None  # codes recorded so far
     clock = network.clock
     running = None if clock is None else torch.zeros(b, clock.shape[1], device=device)  # the clock's sums
     n_visits = np.full(b, n_ctx - 3, dtype=np.int64)  # records that never draw the end fill the window
     found: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     for row in range(1, n_ctx - 1):
-        features = None
         if running is not None:
             running += x[:, 0] @ clock
-            features = clock_features(running)[:, None]
+        features = coarse_features(None if running is None else clock_features(running)[:, None],
+                                   seen[:, None] if network.history_codes else None)
         h = coarse(x, cache, features=features)[:, -1]  # (a, d) summary of rows < row
         kind = STATIC if row == 1 else FIRST_VISIT if row == 2 else VISIT
         pending = table[kind].expand(len(alive), C).clone()
@@ -312,7 +314,7 @@ def sample_batch(
             allowed[:, 0] = pending[:, end]
             allowed[:, -1] = layout.empty_visits
             first = torch.addmm(weights.first_bias, h, weights.first)
-            if seen is not None:
+            if seen_terms:
                 first[:, 1:V + 1] += seen * weights.seen_first
                 shift = torch.zeros(len(alive), C, device=device)
                 shift[:, :V] = seen
