@@ -1,10 +1,11 @@
-"""What HALO's two inputs beyond the paper cost: the "seen codes" terms of the fine head and the clock of the
-coarse module (``HaloConfig.seen_codes`` / ``clock``), against the same model without them, back to back.
+"""What HALO's inputs beyond the paper cost: the "seen codes" terms of the fine head, the clock of the coarse
+module and its history input (``HaloConfig.seen_codes`` / ``clock`` / ``history_input``), against the same model
+without them, back to back.
 
     python benchmarks/bench_halo_inputs.py [--data gibleed mimic3] [--steps 300] [--patients 2000] [--threads 1]
 
-Per data set (GiBleed OMOP conditions, last 45 visits; the MIMIC-III demo diagnoses) and per variant (both
-inputs off, both on -- the default): the small config is trained ``--steps`` steps with the small preset's
+Per data set (GiBleed OMOP conditions, last 45 visits; the MIMIC-III demo diagnoses) and per variant (all
+off; seen codes and clock on, history off -- round 3's default; all on -- the default): the small config is trained ``--steps`` steps with the small preset's
 optimiser (Adam 2e-3, batch 32); the median time of a training step (forward, backward, Adam) over those steps;
 then ``--patients`` patients sampled, as patients/s and generated visit rows/s (sampling cost follows the visits
 a model generates, which differ between two trained models). Paper config (12 layers, width 768): the median of
@@ -30,7 +31,8 @@ from ehrsynth.models.halo import HaloConfig, HaloModel
 
 DATA = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data"))
              if p.is_dir()), Path("/work/shared/data"))
-VARIANTS = {"off": {"seen_codes": False, "clock": False}, "on": {}}
+VARIANTS = {"off": {"seen_codes": False, "clock": False, "history_input": False},
+            "round 3": {"history_input": False}, "on": {}}
 
 
 def load(name: str):
