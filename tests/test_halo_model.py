@@ -80,15 +80,27 @@ def test_fine_head_parameter_counts():
     assert sum(p.numel() for p in lowrank.parameters()) == 20 * W + 20 + C * 20 + C + first + 2 * C * 4
 
 
-def test_low_rank_term_is_the_same_by_either_route():
-    """The running sums (few rows) and the masked C x C weight (rows x C x r over 2^25) give the same logits."""
+def test_low_rank_term_is_the_same_by_every_route():
+    """The running sums (few rows), the masked C x C weight (C <= rows x r) and the running sums in chunks of
+    rows (a vocabulary so large that rows x C x r passes 2^25) give the same logits."""
     torch.manual_seed(0)
     head = FineHead(4, 10, 6, rank=3, group_first=torch.tensor([0, 1, 2, 3, 4, 4, 4, 7, 8, 9]))
     torch.nn.init.normal_(head.prefix_out)
     x = (torch.rand(2, 10) < 0.5).float()
     few = head._prefix(x)  # running sums
-    many = head._prefix(x.repeat(2**20, 1))[:2]  # 2^21 x 10 x 3 elements: one masked weight
+    many = head._prefix(x.repeat(8, 1))[:2]  # 16 rows x 3 >= 10 columns: one masked weight
     assert torch.allclose(few, many, atol=1e-6) and few.abs().sum() > 0
+    C, r = 2**17, 4  # 2^25 / (C r) = 64 rows per chunk
+    wide = FineHead(4, C, 8, rank=r)
+    torch.nn.init.normal_(wide.prefix_out)
+    x = torch.zeros(100, C)
+    x[torch.arange(100), torch.randint(0, C, (100,))] = 1.0
+    x[:, :5] = 1.0
+    chunked = wide._prefix(x)
+    positions = torch.arange(C)
+    for row in (0, 1, 63, 64, 99):  # both sides of a chunk boundary; logit k sums u_k . v_j over ones j < k
+        expected = sum((wide.prefix_out @ wide.prefix_in[j]) * (positions > j) for j in x[row].nonzero()[:, 0])
+        assert torch.allclose(chunked[row], expected, atol=1e-4) and expected.abs().sum() > 0
 
 
 def test_square_head_is_the_reference_layout():
