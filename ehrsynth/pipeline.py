@@ -426,8 +426,8 @@ DEMO_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {**MODEL_PRESETS["halo"]["small"], "n_ctx": 48},
         # the small preset's training (lr 2e-3 constant, batch 32, patience 5, weights averaged with decay 0.99),
         # validated every 100 steps: the structured HALO reaches its best validation likelihood near step 600-1,000
-        # and the run stops 500 steps later instead of running out the 3000-step cap. A cosine schedule was measured worse on GiBleed
-        # (detection AUROC 0.652/0.620 against 0.626/0.594 for seeds 0/1, bench_quality.py).
+        # and the run stops 500 steps later instead of running out the 3000-step cap. A cosine schedule was
+        # measured worse on GiBleed (detection AUROC 0.652/0.620 against 0.626/0.594 for seeds 0/1).
         "training": {**TRAINING_PRESETS["halo"]["small"], "max_steps": 3000, "eval_every": 100,
                      "checkpoint_every": 250},
     },

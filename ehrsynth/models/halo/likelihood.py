@@ -27,7 +27,7 @@ from ehrsynth.errors import ConfigError
 from ehrsynth.models.halo.encoding import (
     FIRST_VISIT, STATIC, UNSCORED, VISIT, ColumnLayout, dense_rows, encode_records, target_row_kinds,
 )
-from ehrsynth.models.halo.network import HaloNetwork, seen_codes
+from ehrsynth.models.halo.network import HaloNetwork
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,9 @@ def row_log_likelihood(network: HaloNetwork, layout: ColumnLayout, batch: dict[s
     """(B, T-1) float64 log-likelihood of target rows 1..T-1 of a collated batch (0 for unscored rows)."""
     x = dense_rows(batch["ones"], batch["lengths"], layout.n_columns, n_rows=batch.get("n_rows"))  # (B, T, C)
     B, T, C = x.shape
-    seen = None if network.fine.seen_chain is None else seen_codes(x[:, :-1], layout.n_codes)
-    clock = network.coarse_inputs(x[:, :-1])
-    h = network.coarse(x[:, :-1], features=clock)
-    logits, first = network.fine(h, x[:, 1:], seen)  # (B, T-1, C), (B, T-1, V + 2)
+    seen = network.seen_codes(x[:, :-1])  # codes of rows 0..t, for the coarse inputs and the fine head alike
+    h = network.coarse(x[:, :-1], features=network.coarse_inputs(x[:, :-1], seen))
+    logits, first = network.fine(h, x[:, 1:], None if network.fine.seen_chain is None else seen)
     kinds = target_row_kinds(batch["lengths"], T, network.n_ctx)  # (B, T-1)
     ll = factor_log_likelihood(logits.reshape(-1, C).double(), first.reshape(B * (T - 1), -1).double(),
                                x[:, 1:].reshape(-1, C), kinds.reshape(-1), layout)

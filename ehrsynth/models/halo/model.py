@@ -44,7 +44,6 @@ from ehrsynth.models.halo.network import (
     FineHead,
     HaloNetwork,
     packed_mask,
-    seen_codes,
 )
 from ehrsynth.models.halo.sampling import Decoding, GenerationConfig, sample, sample_stream
 
@@ -192,17 +191,19 @@ class HaloModel(GenerativeModel):
         if packed is None:  # per row and layer: 12 d^2 for the linear layers, 2 d x (keys seen) for attention
             n, d = rows.shape[0], self.config.n_embd
             packed = n * (12 * d + 2 * n) < B * (T - 1) * (12 * d + 2 * (T - 1))
-        clock = self.network.coarse_inputs(x)  # (B, T, 3 + V) clock and codes so far, either, or None
+        network = self.network
+        seen_all = network.seen_codes(x)  # (B, T, V) codes of rows 0..t, or None when nothing takes them
+        row_inputs = network.coarse_inputs(x, seen_all)  # (B, T, 3 + V): clock and codes so far, either, or None
         if packed:
-            features = None if clock is None else clock.view(B * T, -1).index_select(0, inputs)[None]
+            features = None if row_inputs is None else row_inputs.view(B * T, -1).index_select(0, inputs)[None]
             h = self.coarse(flat.index_select(0, inputs)[None], positions=positions,
                             attn_mask=packed_mask(record, positions), features=features)[0]  # (N, d)
         else:
-            features = None if clock is None else clock[:, :-1]
+            features = None if row_inputs is None else row_inputs[:, :-1]
             h = self.coarse(x[:, :-1], features=features).reshape(B * (T - 1), -1).index_select(0, rows)  # (N, d)
         seen = None
         if self.fine.seen_chain is not None:  # the codes of the rows up to each input row
-            seen = seen_codes(x, self.layout.n_codes).view(B * T, -1).index_select(0, inputs)
+            seen = seen_all.view(B * T, -1).index_select(0, inputs)
         targets = flat.index_select(0, targets)  # (N, C): the row after each input row
         kinds = row_kinds(positions + 1, batch["lengths"][record], self.config.n_ctx)  # (N,)
         logits, first = self.fine(h, targets, seen)

@@ -367,12 +367,20 @@ class HaloNetwork:
     clock: torch.Tensor | None = None
     history_codes: int = 0
 
-    def coarse_inputs(self, rows: torch.Tensor) -> torch.Tensor | None:
+    def coarse_inputs(self, rows: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor | None:
         """The coarse module's features for rows (B, T, C) of whole records: row t's from rows 0..t (None when
-        it takes none)."""
+        it takes none). ``seen``: :func:`seen_codes` of the same rows when the caller has it already."""
         clock = None if self.clock is None else row_clock(rows, self.clock)
-        history = seen_codes(rows, self.history_codes) if self.history_codes else None
+        history = None
+        if self.history_codes:
+            history = seen if seen is not None else seen_codes(rows, self.history_codes)
         return coarse_features(clock, history)
+
+    def seen_codes(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """:func:`seen_codes` of rows (B, T, C) when the coarse module or the fine head takes it, else None:
+        computed once for both."""
+        n_codes = self.history_codes or (0 if self.fine.seen_chain is None else self.fine.seen_chain.shape[0])
+        return seen_codes(rows, n_codes) if n_codes else None
 
     @property
     def n_ctx(self) -> int:
