@@ -255,7 +255,7 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
                   dp_max_grad_norm, overwrite) -> None:
     """Train MODEL (halo, ehrdiff or timeline) on a corpus; the best model lands in OUT/model."""
     from ehrsynth.outputs import check_output, remove_output
-    from ehrsynth.pipeline import RUN_HINT, preset_options, read_config_file, train_model
+    from ehrsynth.pipeline import RUN_HINT, preset_options, private_model_options, read_config_file, train_model
 
     sections = read_config_file(config_file)
     preset_model, preset_training = preset_options(model, preset)
@@ -277,7 +277,8 @@ def train_command(model, data, out, config_file, resume, max_steps, max_epochs, 
 
         resolved = asdict(config_from_dict(TrainConfig, {**model_class(model).default_train_config(),
                                                          **sections["training"]}))
-        click.echo(json.dumps({"model": sections["model"], "training": resolved}, indent=2))
+        shown = private_model_options(model, sections["model"], resolved)
+        click.echo(json.dumps({"model": shown, "training": resolved}, indent=2))
         return
     if int(os.environ.get("RANK", 0)) == 0:
         check_output(out, "run", flag="--out", overwrite=overwrite or resume, hint=RUN_HINT,

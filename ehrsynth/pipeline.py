@@ -99,6 +99,7 @@ def train_model(
         # budgets of this invocation (not its trajectory) may change on resume
         budget = {k: v for k, v in (given or {}).items() if k in ("max_time", "checkpoint_minutes")}
         model_options, training_options = resolved["model"], {**resolved["training"], **budget}
+    model_options = private_model_options(family, model_options, training_options)
     config = config_from_dict(cls.config_class, model_options)
     train_config = config_from_dict(TrainConfig, training_options)
     # views, not copies: a memory-mapped corpus is read in place, so memory does not grow with its size
@@ -122,6 +123,15 @@ def train_model(
         if output_kind(run_dir) != "run":
             write_marker(run_dir, "run")
     return train(model, train_part, val_part, train_config, run_dir, resume=resume, progress=progress)
+
+
+def private_model_options(family: str, model_options: dict[str, Any],
+                          training_options: dict[str, Any]) -> dict[str, Any]:
+    """Model options under DP-SGD (``dp_epsilon``): EHRDiff's binarisation calibration is off unless asked for,
+    since its thresholds give the generated codes the training prevalence, which the accountant does not cover."""
+    if training_options.get("dp_epsilon") and family == "ehrdiff" and "calibrate" not in model_options:
+        return {**model_options, "calibrate": False}
+    return model_options
 
 
 def generate_sharded(run_dir: str | Path, n: int, out: str | Path, output_format: str = "corpus", *,

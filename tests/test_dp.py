@@ -122,6 +122,37 @@ def test_training_loop_hook_spends_and_resumes(mimic3_corpus, tmp_path):
         "dp"]["noise_multiplier"]  # 4 planned steps need more noise than 2
 
 
+def test_dp_ehrdiff_does_not_calibrate_to_the_training_prevalence(mimic3_corpus, tmp_path):
+    """Calibrated thresholds would give the generated codes the (non-private) training prevalence: under DP-SGD
+    EHRDiff rounds at 0.5 unless the user asks for calibration; without DP it calibrates when training ends."""
+    import json
+
+    from click.testing import CliRunner
+
+    from ehrsynth.cli import cli
+    from ehrsynth.models.io import load_model
+    from ehrsynth.pipeline import train_model
+
+    tiny = {"hidden_dims": [16, 8, 16], "time_dim": 8, "fourier_dim": 4, "calibration_samples": 256}
+    options = {"batch_size": 8, "max_steps": 2, "eval_every": 2, "device": "cpu", "seed": 1}
+    private = train_model("ehrdiff", mimic3_corpus, tmp_path / "dp", model_options=tiny,
+                          training_options={**options, "dp_epsilon": 8.0}, progress=False)
+    assert private.steps == 2
+    model = load_model(tmp_path / "dp")
+    assert model.config.calibrate is False and model.thresholds is None
+    asked = train_model("ehrdiff", mimic3_corpus, tmp_path / "asked", model_options={**tiny, "calibrate": True},
+                        training_options={**options, "dp_epsilon": 8.0}, progress=False)
+    assert asked.steps == 2 and not bool(load_model(tmp_path / "asked").thresholds.isnan().any())
+    train_model("ehrdiff", mimic3_corpus, tmp_path / "plain", model_options=tiny, training_options=options,
+                progress=False)
+    plain = load_model(tmp_path / "plain")
+    assert plain.config.calibrate is True and not bool(plain.thresholds.isnan().any())  # fitted as training ended
+    corpus = str(mimic3_corpus.save(tmp_path / "corpus"))
+    shown = CliRunner().invoke(cli, ["train", "ehrdiff", "--data", corpus, "--out", str(tmp_path / "run"),
+                                     "--dp-epsilon", "3", "--dry-run"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["model"]["calibrate"] is False
+
+
 def test_ehrdiff_vectorised_clipping_equals_one_patient_at_a_time(mimic3_corpus):
     """EHRDiff's per-patient gradients come from torch.func (vmap of grad) in chunks; with the same drawn noise
     they equal gradients taken one patient at a time, clipped, to 1e-5; and each patient gets its own draw."""

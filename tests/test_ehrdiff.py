@@ -22,6 +22,7 @@ from ehrsynth.models.ehrdiff import (
     MLPDenoiser,
     ResidualDenoiser,
     binarize,
+    calibrated_thresholds,
     edm_coefficients,
     edm_loss_weight,
     edm_sigma_schedule,
@@ -167,6 +168,47 @@ def test_guided_denoiser_formula():
 def test_binarize_rounds_the_clipped_value():
     x = torch.tensor([[-0.3, 0.2, 0.49, 0.5, 0.51, 1.7]])
     assert binarize(x).tolist() == [[False, False, False, False, True, True]]
+    assert binarize(x, torch.full((6,), 0.5)).tolist() == binarize(x).tolist()  # a threshold of 0.5 is rounding
+    assert binarize(x, torch.tensor([-0.4, 0.3, 0.3, 0.6, float("inf"), -float("inf")])).tolist() == [
+        [True, False, True, False, False, True]]
+
+
+def test_calibrated_thresholds_leave_the_target_share_above_them():
+    rng = np.random.default_rng(0)
+    samples = rng.beta(0.3, 2.0, size=(5000, 6)).astype(np.float32)  # skewed towards 0, as rare codes' samples
+    target = np.array([0.0005, 0.01, 0.2, 0.5, 0.0, 1.0])
+    thresholds = calibrated_thresholds(samples, target)
+    share = (samples > thresholds).mean(0)
+    np.testing.assert_allclose(share[:4], target[:4], atol=0.5 / 5000)  # within one sample of the target
+    assert thresholds[4] == np.inf and thresholds[5] == -np.inf and share[4] == 0 and share[5] == 1
+    assert np.all(np.diff(calibrated_thresholds(samples[:, [0] * 4], np.array([0.4, 0.3, 0.2, 0.1]))) > 0)
+    with pytest.raises(ConfigError, match="samples and"):
+        calibrated_thresholds(samples[:1], target)
+
+
+def test_an_uncalibrated_model_calibrates_once_before_it_samples(mimic3_corpus, capsys):
+    # a run killed before training ended saves NaN thresholds: generation fits them first, deterministically
+    torch.manual_seed(0)
+    config = EHRDiffConfig(hidden_dims=(32, 16, 32), time_dim=16, fourier_dim=8, calibration_samples=1024)
+    model = EHRDiffModel.from_corpus(mimic3_corpus, config)
+    twin = EHRDiffModel.from_corpus(mimic3_corpus, config)
+    twin.load_state_dict(model.state_dict())
+    assert bool(model.thresholds.isnan().all())
+    first = model.generate(30, seed=1, sampling=FAST)
+    assert "calibrating the binarisation thresholds" in capsys.readouterr().err
+    assert not bool(model.thresholds.isnan().any())
+    twin.calibrate()
+    assert torch.equal(twin.thresholds, model.thresholds)
+    assert twin.generate(30, seed=1, sampling=FAST).equals(first)
+    assert model.generate(30, seed=1, sampling=FAST).equals(first) and capsys.readouterr().err == ""
+    # the thresholds target the training prevalence of every code and the labels; sex has its own rule
+    from ehrsynth.models.ehrdiff.model import CALIBRATION_SEED
+
+    samples = model._continuous_samples(0, 1024, CALIBRATION_SEED, None, edm_sigma_schedule(32), EHRDiffSampling())
+    share = (samples > model.thresholds).float().mean(0).numpy()[:-2]
+    means = np.asarray(model.meta.extra["column_means"])[:-2]
+    np.testing.assert_allclose(share, means, atol=1.0 / 1024)
+    assert model.thresholds[-2:].tolist() == [0.5, 0.5]
 
 
 def test_per_sample_noise_does_not_depend_on_chunking():
@@ -375,18 +417,22 @@ def test_model_saved_before_the_denoiser_option_loads_as_the_mlp(mimic3_corpus, 
 
     torch.manual_seed(0)
     mlp = EHRDiffModel.from_corpus(mimic3_corpus, EHRDiffConfig(denoiser="mlp", hidden_dims=(32, 16), time_dim=16,
-                                                                fourier_dim=8, column_weight_power=0.0))
+                                                                fourier_dim=8, column_weight_power=0.0,
+                                                                calibrate=False))
     save_model(mlp, tmp_path / "old")
     header = json.loads((tmp_path / "old" / "model.json").read_text())
     del header["config"]["denoiser"]  # what a model saved before the options looks like
     del header["config"]["column_weight_power"]
+    del header["config"]["calibrate"], header["config"]["calibration_samples"]
     (tmp_path / "old" / "model.json").write_text(json.dumps(header))
     loaded = load_model(tmp_path / "old")
     assert loaded.config.denoiser == "mlp" and isinstance(loaded.denoiser.net, MLPDenoiser)
     assert loaded.config.column_weight_power == 0.0
+    assert loaded.config.calibrate is False and loaded.thresholds is None  # rounds at 0.5, as it did
     assert loaded.generate(20, seed=2, sampling=FAST).equals(mlp.generate(20, seed=2, sampling=FAST))
     assert EHRDiffConfig().denoiser == "resnet"  # while a new config gets the residual network, weighted loss
     assert EHRDiffConfig().column_weight_power == 0.5
+    assert EHRDiffConfig().calibrate is True
 
 
 def test_default_train_config_is_the_papers():

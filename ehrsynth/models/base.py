@@ -100,6 +100,11 @@ class GenerativeModel(nn.Module):
         n = batch["n_patients"]
         return self(batch) * n, torch.tensor(float(n))
 
+    def after_training(self, *, progress: bool = False) -> bool:
+        """Fit what depends on the final weights, once the loop has chosen them (EHRDiff calibrates its
+        binarisation thresholds); True when the model changed and is to be saved again. Default: nothing."""
+        return False
+
     def generate(
         self,
         n: int,

@@ -16,7 +16,8 @@ caller's own stream is never drawn from.
 Run directory layout::
 
     RUN/config.json        resolved model + training config
-    RUN/model/             best model so far (safetensors + JSON; EMA weights when EMA is on)
+    RUN/model/             best model so far (safetensors + JSON; EMA weights when EMA is on), finished by the
+                           model's ``after_training`` when the run ends (EHRDiff's binarisation thresholds)
     RUN/checkpoint/        last checkpoint: weights, EMA, optimizer, RNG and loop state
     RUN/metrics.jsonl      one JSON object per log/validation event
 """
@@ -44,7 +45,8 @@ from ehrsynth.models.io import atomic_write_text, config_to_dict
 from ehrsynth.training import distributed as dist
 from ehrsynth.training import dp
 from ehrsynth.training.checkpoint import cut_metrics, latest_step, load_checkpoint, save_checkpoint
-from ehrsynth.training.validation import append_jsonl, evaluate_loss, to_device, validate_and_keep_best
+from ehrsynth.training.validation import (append_jsonl, evaluate_loss, finish_best_model, to_device,
+                                         validate_and_keep_best)
 
 MIN_EVAL_EVERY = 100  # default validation interval in steps, when an epoch is shorter ...
 MAX_EVAL_EPOCHS = 8  # ... but at least every 8 epochs: a 72-patient corpus overfits within 100 steps (33 epochs)
@@ -372,6 +374,8 @@ def _train(model, train_view, val_corpus, config, run_dir, resume, progress, on_
         print(f"time budget of {config.max_time:g} s used: stopped at step {state['step']}; the best model so far is "
               f"in {run_dir / 'model'}; resume to continue", file=sys.stderr)
     dist.teardown(world)
+    if is_main:
+        finish_best_model(model, run_dir, device, progress=progress)
     return TrainResult(run_dir=run_dir, steps=state["step"], epochs_completed=state["epoch"],
                        best_val_loss=state["best_val_loss"], last_train_loss=last_train_loss,
                        stopped_early=state["stopped_early"], history=history, out_of_time=out_of_time,

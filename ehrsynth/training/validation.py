@@ -12,7 +12,7 @@ import torch
 from ehrsynth.data.corpus import PatientCorpus
 from ehrsynth.data.view import CorpusView
 from ehrsynth.models.base import GenerativeModel
-from ehrsynth.models.io import save_model
+from ehrsynth.models.io import load_model, save_model
 from ehrsynth.training import distributed as dist
 
 
@@ -99,3 +99,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def finish_best_model(model: GenerativeModel, run_dir: Path, device: torch.device, *, progress: bool = False) -> None:
+    """Fit into the saved best model (``run_dir/model``) what depends on its final weights, through the model's
+    :meth:`~ehrsynth.models.base.GenerativeModel.after_training` (EHRDiff's binarisation thresholds). A no-op
+    for a model class that does not override it, or a run that saved no model."""
+    if type(model).after_training is GenerativeModel.after_training or not (run_dir / "model").is_dir():
+        return
+    best = load_model(run_dir / "model", device=device)
+    if best.after_training(progress=progress):
+        save_model(best, run_dir / "model")

@@ -16,6 +16,7 @@ from ehrsynth.models.ehrdiff.network import (
 from ehrsynth.models.ehrdiff.sampling import (
     EHRDiffSampling,
     binarize,
+    calibrated_thresholds,
     edm_sigma_schedule,
     guided_denoiser,
     heun_sampler,
@@ -24,6 +25,6 @@ from ehrsynth.models.ehrdiff.sampling import (
 
 __all__ = [
     "EDMLoss", "EDMPrecond", "EHRDiffConfig", "EHRDiffModel", "EHRDiffSampling", "MLPDenoiser", "ResidualDenoiser",
-    "binarize", "data_density", "edm_coefficients", "edm_loss_weight", "edm_sigma_schedule", "guided_denoiser",
+    "binarize", "calibrated_thresholds", "data_density", "edm_coefficients", "edm_loss_weight", "edm_sigma_schedule", "guided_denoiser",
     "heun_sampler", "per_sample_noise", "static_column_names",
 ]

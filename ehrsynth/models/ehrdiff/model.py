@@ -25,6 +25,7 @@ What differs from the reference code, and why:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -43,6 +44,7 @@ from ehrsynth.models.ehrdiff.network import DENOISERS, EDMLoss, EDMPrecond, MLPD
 from ehrsynth.models.ehrdiff.sampling import (
     EHRDiffSampling,
     binarize,
+    calibrated_thresholds,
     edm_sigma_schedule,
     guided_denoiser,
     heun_sampler,
@@ -50,6 +52,8 @@ from ehrsynth.models.ehrdiff.sampling import (
 )
 
 ROW_MULTIPLE = 16  # pad every network batch to a multiple of 16 rows: CPU GEMMs are then row-independent bitwise
+CALIBRATION_SEED = 2_147_483_647  # the calibration samples' own noise stream, apart from generation seeds 0, 1, ...
+CALIBRATION_FLOATS = 2 ** 26  # at most 256 MiB of float32 calibration samples
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,12 @@ class EHRDiffConfig:
             default) brings back codes rarer than 1% on GiBleed (benchmarks/bench_ehrdiff.py, section compare).
             Needs the training column means (``meta.extra["column_means"]``, kept by
             :meth:`EHRDiffModel.from_corpus`).
+        calibrate: binarise each code and label column at its own threshold, calibrated once after training so
+            that the model's samples have the training prevalence (:meth:`EHRDiffModel.calibrate`,
+            :func:`~ehrsynth.models.ehrdiff.sampling.calibrated_thresholds`); False rounds at 0.5 as the paper.
+            Rounding makes rare codes at about half their rate. Models saved before this option round.
+        calibration_samples: how many samples the thresholds are fitted on (fewer when one float32 copy of
+            them would pass 256 MiB; at least 1,024).
     """
 
     denoiser: Literal["resnet", "mlp"] = "resnet"
@@ -91,6 +101,8 @@ class EHRDiffConfig:
     conditional: bool = False
     label_dropout: float = 0.1
     column_weight_power: float = 0.5
+    calibrate: bool = True
+    calibration_samples: int = 8192
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
@@ -115,6 +127,8 @@ class EHRDiffConfig:
             raise ConfigError(f"column_weight_power must be in [0, 2], got {self.column_weight_power!r}")
         if not 0 <= self.label_dropout < 1:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
+        if not isinstance(self.calibration_samples, int) or self.calibration_samples < 2:
+            raise ConfigError(f"calibration_samples must be an integer >= 2, got {self.calibration_samples!r}")
 
 
 class _Chunk(NamedTuple):
@@ -165,6 +179,8 @@ class EHRDiffModel(GenerativeModel):
             weights = torch.tensor(column_weights(np.asarray(means, dtype=np.float64), config.column_weight_power),
                                    dtype=torch.float32)  # (D,)
         self.register_buffer("column_weight", weights, persistent=False)
+        # per-column binarisation thresholds, NaN until calibrated (saved with the weights)
+        self.register_buffer("thresholds", torch.full((self.dim,), float("nan")) if config.calibrate else None)
 
     @property
     def sigma_data(self) -> float:
@@ -178,9 +194,10 @@ class EHRDiffModel(GenerativeModel):
     # ---- building and training -----------------------------------------------------------------------------
     @classmethod
     def config_from_saved(cls, data: dict[str, Any]) -> EHRDiffConfig:
-        """A saved config; one written before ``denoiser`` existed is the paper's MLP (codes only)."""
+        """A saved config; one written before ``denoiser`` existed is the paper's MLP (codes only), one written
+        before ``calibrate`` rounds at 0.5."""
         return super().config_from_saved({"denoiser": "mlp", "column_weight_power": 0.0, "model_statics": False,
-                                          **data})
+                                          "calibrate": False, **data})
 
     @classmethod
     def from_corpus(cls, corpus: PatientCorpus | CorpusView, config: EHRDiffConfig | None = None) -> EHRDiffModel:
@@ -351,6 +368,10 @@ class EHRDiffModel(GenerativeModel):
 
     def _sample_chunks(self, n: int, seed: int, condition: torch.Tensor | None, batch_size: int, progress: bool,
                        sampling: EHRDiffSampling) -> Iterator[_Chunk]:
+        if self.thresholds is not None and bool(self.thresholds.isnan().any()):
+            print("EHRDiff: calibrating the binarisation thresholds (this model was saved before training "
+                  "finished)", file=sys.stderr)
+            self.calibrate(batch_size=batch_size)
         sigmas = edm_sigma_schedule(sampling.steps, sampling.sigma_min, sampling.sigma_max, sampling.rho)
         device, was_training = self.device, self.training
         self.eval()
@@ -358,14 +379,16 @@ class EHRDiffModel(GenerativeModel):
             with tqdm(total=n, unit="patient", disable=not progress, desc="EHRDiff sampling") as bar:
                 for start in range(0, n, batch_size):
                     stop = min(start + batch_size, n)
-                    yield self._sample_chunk(start, stop, seed, condition, sigmas.to(device), sampling)
+                    x = self._continuous_samples(start, stop, seed, condition, sigmas.to(device), sampling)
+                    yield self._decode(start, x)
                     bar.update(stop - start)
         finally:
             self.train(was_training)
 
     @torch.inference_mode()
-    def _sample_chunk(self, start: int, stop: int, seed: int, condition: torch.Tensor | None,
-                      sigmas: torch.Tensor, sampling: EHRDiffSampling) -> _Chunk:
+    def _continuous_samples(self, start: int, stop: int, seed: int, condition: torch.Tensor | None,
+                            sigmas: torch.Tensor, sampling: EHRDiffSampling) -> torch.Tensor:
+        """Samples ``start .. stop-1`` of a run before binarisation: (stop - start, D) float32 on the CPU."""
         b, device = stop - start, self.device
         padded = -(-b // ROW_MULTIPLE) * ROW_MULTIPLE
         latents = torch.zeros(padded, self.dim)
@@ -377,8 +400,13 @@ class EHRDiffModel(GenerativeModel):
             denoise = guided_denoiser(self.denoiser, label.expand(padded, -1).to(device), scale)
         else:
             denoise = guided_denoiser(self.denoiser, None, 1.0)
-        x = heun_sampler(denoise, latents.to(device), sigmas)[:b].cpu()  # (b, D) float32
-        bits = binarize(x).numpy()  # (b, D) bool
+        return heun_sampler(denoise, latents.to(device), sigmas)[:b].cpu()
+
+    def _decode(self, start: int, x: torch.Tensor) -> _Chunk:
+        """Continuous samples -> codes, labels and sex of the patients from ``start`` on."""
+        b = len(x)
+        thresholds = None if self.thresholds is None else self.thresholds.cpu()
+        bits = binarize(x, thresholds).numpy()  # (b, D) bool
         rows, codes = np.nonzero(bits[:, :self.n_codes])  # row-major: code ids ascending within a patient
         n_labels = len(self.meta.label_names) if self.static_columns else 0
         labels = bits[:, self.n_codes:self.n_codes + n_labels].astype(np.uint8)
@@ -390,6 +418,47 @@ class EHRDiffModel(GenerativeModel):
             sex_scores = x[:, -2:].clamp(0, 1).numpy()  # (b, 2): F, M
             sex = np.where(sex_scores.sum(1) >= 0.5, sex_scores.argmax(1), -1).astype(np.int8)
         return _Chunk(start, np.bincount(rows, minlength=b), codes.astype(np.int32), labels, sex)
+
+    def calibrate(self, *, batch_size: int = 1024, progress: bool = False) -> None:
+        """Fit the per-column binarisation thresholds (``config.calibrate``) to the training prevalence.
+
+        Draws ``config.calibration_samples`` unconditional samples from a seed of their own (no generation seed
+        repeats their noise) and sets each code and label column's threshold to the quantile that leaves the
+        training share of them above it (:func:`~ehrsynth.models.ehrdiff.sampling.calibrated_thresholds`).
+        The sex columns keep their own rule (the larger of F and M). Only the training column means and the
+        model's own samples are used, no patient record.
+        """
+        if self.thresholds is None:
+            raise ConfigError("this model rounds at 0.5 (EHRDiffConfig(calibrate=False)); it has no thresholds")
+        means = self.meta.extra.get("column_means")
+        if means is None or len(means) != self.dim:
+            raise ConfigError("calibration needs the training column means: build the model with "
+                              "EHRDiffModel.from_corpus(corpus, config)")
+        n = min(self.config.calibration_samples, max(1024, CALIBRATION_FLOATS // self.dim))
+        sigmas = edm_sigma_schedule(EHRDiffSampling().steps).to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            with tqdm(total=n, unit="patient", disable=not progress, desc="EHRDiff calibration") as bar:
+                samples = []
+                for start in range(0, n, batch_size):
+                    stop = min(start + batch_size, n)
+                    samples.append(self._continuous_samples(start, stop, CALIBRATION_SEED, None, sigmas,
+                                                            EHRDiffSampling()).numpy())
+                    bar.update(stop - start)
+        finally:
+            self.train(was_training)
+        thresholds = calibrated_thresholds(np.concatenate(samples), np.asarray(means, dtype=np.float64))
+        if self.static_columns:
+            thresholds[-2:] = 0.5  # sex: decoded from F and M together, not thresholded
+        self.thresholds.copy_(torch.from_numpy(thresholds))
+
+    def after_training(self, *, progress: bool = False) -> bool:
+        """Calibrate the thresholds of the trained weights (when ``config.calibrate``)."""
+        if self.thresholds is None:
+            return False
+        self.calibrate(progress=progress)
+        return True
 
     def _condition_vector(self, conditions: dict[str, str] | None) -> torch.Tensor | None:
         """{"mortality": "1", "sex": "F"} -> (A,) int64 in {0, 1, 2 = free}, or None for no condition."""
