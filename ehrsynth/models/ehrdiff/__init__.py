@@ -1,10 +1,13 @@
 """EHRDiff (Yuan, Zhou & Yu, TMLR 2024): EDM diffusion over patients' multi-hot code vectors.
 
-Four pieces, as EDM: the raw network and the preconditioner and loss (:mod:`.network`), the sampler
-(:mod:`.sampling`), and the model tying them to the corpus (:mod:`.model`).
+Four pieces, as EDM: the raw network and the preconditioner and loss (:mod:`.network`), the sampler and
+binarisation (:mod:`.sampling`), and the model tying them to the corpus (:mod:`.model`), with its settings
+(:mod:`.config`) and the statistics of its columns (:mod:`.columns`).
 """
 
-from ehrsynth.models.ehrdiff.model import EHRDiffConfig, EHRDiffModel, data_density, static_column_names
+from ehrsynth.models.ehrdiff.columns import data_density, static_column_names
+from ehrsynth.models.ehrdiff.config import EHRDiffConfig
+from ehrsynth.models.ehrdiff.model import EHRDiffModel
 from ehrsynth.models.ehrdiff.network import (
     EDMLoss,
     EDMPrecond,
