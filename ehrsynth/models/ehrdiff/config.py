@@ -39,8 +39,9 @@ class EHRDiffConfig:
             that the model's samples have the training prevalence (:meth:`EHRDiffModel.calibrate`,
             :func:`~ehrsynth.models.ehrdiff.sampling.calibrated_thresholds`); False rounds at 0.5 as the paper.
             Rounding makes rare codes at about half their rate. Models saved before this option round.
-        calibration_samples: how many samples the thresholds are fitted on (fewer when one float32 copy of
-            them would pass 256 MiB; at least 1,024).
+        calibration_samples: the most samples the thresholds are fitted on: about 8 / (the rarest code's
+            training prevalence) are drawn, at least 1,024, and fewer when one float32 copy of them would pass
+            256 MiB.
     """
 
     denoiser: Literal["resnet", "mlp"] = "resnet"

@@ -28,6 +28,7 @@ What differs from the reference code, and why:
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -298,8 +299,8 @@ class EHRDiffModel(GenerativeModel):
     def _sample_chunks(self, n: int, seed: int, condition: torch.Tensor | None, batch_size: int, progress: bool,
                        sampling: EHRDiffSampling) -> Iterator[_Chunk]:
         if self.thresholds is not None and bool(self.thresholds.isnan().any()):
-            print("EHRDiff: calibrating the binarisation thresholds (this model was saved before training "
-                  "finished)", file=sys.stderr)
+            print("EHRDiff: calibrating the binarisation thresholds first (they are fitted when training ends; "
+                  "this model's training did not end)", file=sys.stderr)
             self.calibrate(batch_size=batch_size)
         sigmas = edm_sigma_schedule(sampling.steps, sampling.sigma_min, sampling.sigma_max, sampling.rho)
         device, was_training = self.device, self.training
@@ -351,9 +352,10 @@ class EHRDiffModel(GenerativeModel):
     def calibrate(self, *, batch_size: int = 1024, progress: bool = False) -> None:
         """Fit the per-column binarisation thresholds (``config.calibrate``) to the training prevalence.
 
-        Draws ``config.calibration_samples`` unconditional samples from a seed of their own (no generation seed
-        repeats their noise) and sets each code and label column's threshold to the quantile that leaves the
-        training share of them above it (:func:`~ehrsynth.models.ehrdiff.sampling.calibrated_thresholds`).
+        Draws unconditional samples from a seed of their own (no generation seed repeats their noise): about 8
+        / (the rarest code's prevalence), between 1,024 and ``config.calibration_samples``. It then sets each
+        code and label column's threshold to the quantile that leaves the training share of them above it
+        (:func:`~ehrsynth.models.ehrdiff.sampling.calibrated_thresholds`).
         The sex columns keep their own rule (the larger of F and M). Only the training column means and the
         model's own samples are used, no patient record.
         """
@@ -363,7 +365,11 @@ class EHRDiffModel(GenerativeModel):
         if means is None or len(means) != self.dim:
             raise ConfigError("calibration needs the training column means: build the model with "
                               "EHRDiffModel.from_corpus(corpus, config)")
-        n = min(self.config.calibration_samples, max(1024, CALIBRATION_FLOATS // self.dim))
+        means = np.asarray(means, dtype=np.float64)
+        rarest = means[means > 0].min(initial=1.0)
+        # enough samples for the rarest code to have about 8 above its threshold, within the config's cap
+        n = min(self.config.calibration_samples, max(1024, math.ceil(8 / rarest)),
+                max(1024, CALIBRATION_FLOATS // self.dim))
         sigmas = edm_sigma_schedule(EHRDiffSampling().steps).to(self.device)
         was_training = self.training
         self.eval()
@@ -377,7 +383,7 @@ class EHRDiffModel(GenerativeModel):
                     bar.update(stop - start)
         finally:
             self.train(was_training)
-        thresholds = calibrated_thresholds(np.concatenate(samples), np.asarray(means, dtype=np.float64))
+        thresholds = calibrated_thresholds(np.concatenate(samples), means)
         if self.static_columns:
             thresholds[-2:] = 0.5  # sex: decoded from F and M together, not thresholded
         self.thresholds.copy_(torch.from_numpy(thresholds))
