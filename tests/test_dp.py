@@ -139,14 +139,14 @@ def test_dp_ehrdiff_does_not_calibrate_to_the_training_prevalence(mimic3_corpus,
                           training_options={**options, "dp_epsilon": 8.0}, progress=False)
     assert private.steps == 2
     model = load_model(tmp_path / "dp")
-    assert model.config.calibrate is False and model.thresholds is None
+    assert model.config.calibrate is False and model.thresholds is None and not model.is_calibrated
     asked = train_model("ehrdiff", mimic3_corpus, tmp_path / "asked", model_options={**tiny, "calibrate": True},
                         training_options={**options, "dp_epsilon": 8.0}, progress=False)
-    assert asked.steps == 2 and not bool(load_model(tmp_path / "asked").thresholds.isnan().any())
+    assert asked.steps == 2 and load_model(tmp_path / "asked").is_calibrated
     train_model("ehrdiff", mimic3_corpus, tmp_path / "plain", model_options=tiny, training_options=options,
                 progress=False)
     plain = load_model(tmp_path / "plain")
-    assert plain.config.calibrate is True and not bool(plain.thresholds.isnan().any())  # fitted as training ended
+    assert plain.config.calibrate is True and plain.is_calibrated  # fitted as training ended
     corpus = str(mimic3_corpus.save(tmp_path / "corpus"))
     shown = CliRunner().invoke(cli, ["train", "ehrdiff", "--data", corpus, "--out", str(tmp_path / "run"),
                                      "--dp-epsilon", "3", "--dry-run"])

@@ -109,8 +109,10 @@ class EHRDiffModel(GenerativeModel):
             weights = torch.tensor(column_weights(np.asarray(means, dtype=np.float64), config.column_weight_power),
                                    dtype=torch.float32)  # (D,)
         self.register_buffer("column_weight", weights, persistent=False)
-        # per-column binarisation thresholds, NaN until calibrated (saved with the weights)
-        self.register_buffer("thresholds", torch.full((self.dim,), float("nan")) if config.calibrate else None)
+        # per-column binarisation thresholds (0.5, rounding, until calibrated) and whether they are calibrated,
+        # saved with the weights
+        self.register_buffer("thresholds", torch.full((self.dim,), 0.5) if config.calibrate else None)
+        self.register_buffer("calibrated", torch.zeros(1, dtype=torch.uint8) if config.calibrate else None)
 
     @property
     def sigma_data(self) -> float:
@@ -298,7 +300,7 @@ class EHRDiffModel(GenerativeModel):
 
     def _sample_chunks(self, n: int, seed: int, condition: torch.Tensor | None, batch_size: int, progress: bool,
                        sampling: EHRDiffSampling) -> Iterator[_Chunk]:
-        if self.thresholds is not None and bool(self.thresholds.isnan().any()):
+        if self.thresholds is not None and not self.is_calibrated:
             print("EHRDiff: calibrating the binarisation thresholds first (they are fitted when training ends; "
                   "this model's training did not end)", file=sys.stderr)
             self.calibrate(batch_size=batch_size)
@@ -387,6 +389,12 @@ class EHRDiffModel(GenerativeModel):
         if self.static_columns:
             thresholds[-2:] = 0.5  # sex: decoded from F and M together, not thresholded
         self.thresholds.copy_(torch.from_numpy(thresholds))
+        self.calibrated.fill_(1)
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether the binarisation thresholds have been fitted (False for a model that rounds at 0.5)."""
+        return self.calibrated is not None and bool(self.calibrated.item())
 
     def after_training(self, *, progress: bool = False) -> bool:
         """Calibrate the thresholds of the trained weights (when ``config.calibrate``)."""
