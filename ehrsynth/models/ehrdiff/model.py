@@ -22,7 +22,7 @@ What differs from the reference code, and why:
   p a squared error of order p, too small to shape the network for the rare ones.
 * Samples are binarised per column at a threshold calibrated after training (``calibrate``), not at 0.5: even
   the residual network leaves a rare code's samples spread below 0.5, so rounding makes it at about half its
-  training rate (GiBleed: detection AUROC 0.59 rounded, 0.47 calibrated; real holdout 0.48).
+  training rate (GiBleed: detection AUROC 0.59 rounded, 0.48 calibrated; real holdout 0.48).
 """
 
 from __future__ import annotations
