@@ -127,10 +127,10 @@ def train_model(
 
 def private_model_options(family: str, model_options: dict[str, Any],
                           training_options: dict[str, Any]) -> dict[str, Any]:
-    """Model options under DP-SGD (``dp_epsilon``): EHRDiff's binarisation calibration is off unless asked for,
-    since its thresholds give the generated codes the training prevalence, which the accountant does not cover."""
-    if training_options.get("dp_epsilon") and family == "ehrdiff" and "calibrate" not in model_options:
-        return {**model_options, "calibrate": False}
+    """Model options under DP-SGD (``dp_epsilon``): the family's ``private_defaults`` under the user's own options
+    (EHRDiff's binarisation calibration is off unless asked for)."""
+    if training_options.get("dp_epsilon"):
+        return {**model_class(family).private_defaults, **model_options}
     return model_options
 
 

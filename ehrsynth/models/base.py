@@ -61,6 +61,8 @@ class GenerativeModel(nn.Module):
     family: ClassVar[str] = ""
     config_class: ClassVar[type] = object
     validation_unit: ClassVar[str] = "patient"  # what validation_loss counts (shown by the progress bar)
+    # config options that default differently under DP-SGD, where a setting would publish a non-private aggregate
+    private_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Any, meta: CorpusMeta) -> None:
         super().__init__()

@@ -82,6 +82,8 @@ class EHRDiffModel(GenerativeModel):
 
     family = "ehrdiff"
     config_class = EHRDiffConfig
+    # calibrated thresholds give the generated codes the training prevalence, which DP-SGD does not cover
+    private_defaults = {"calibrate": False}
 
     def __init__(self, config: EHRDiffConfig, meta: CorpusMeta) -> None:
         super().__init__(config, meta)
@@ -304,15 +306,21 @@ class EHRDiffModel(GenerativeModel):
             print("EHRDiff: calibrating the binarisation thresholds first (they are fitted when training ends; "
                   "this model's training did not end)", file=sys.stderr)
             self.calibrate(batch_size=batch_size)
+        for start, x in self._continuous_chunks(n, seed, condition, batch_size, progress, sampling, "EHRDiff sampling"):
+            yield self._decode(start, x)
+
+    def _continuous_chunks(self, n: int, seed: int, condition: torch.Tensor | None, batch_size: int,
+                           progress: bool, sampling: EHRDiffSampling, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, samples ``start .. start+b-1`` before binarisation) for the n samples of a run, in eval mode."""
         sigmas = edm_sigma_schedule(sampling.steps, sampling.sigma_min, sampling.sigma_max, sampling.rho)
-        device, was_training = self.device, self.training
+        sigmas = sigmas.to(self.device)
+        was_training = self.training
         self.eval()
         try:
-            with tqdm(total=n, unit="patient", disable=not progress, desc="EHRDiff sampling") as bar:
+            with tqdm(total=n, unit="patient", disable=not progress, desc=desc) as bar:
                 for start in range(0, n, batch_size):
                     stop = min(start + batch_size, n)
-                    x = self._continuous_samples(start, stop, seed, condition, sigmas.to(device), sampling)
-                    yield self._decode(start, x)
+                    yield start, self._continuous_samples(start, stop, seed, condition, sigmas, sampling)
                     bar.update(stop - start)
         finally:
             self.train(was_training)
@@ -372,20 +380,9 @@ class EHRDiffModel(GenerativeModel):
         # enough samples for the rarest code to have about 8 above its threshold, within the config's cap
         n = min(self.config.calibration_samples, max(1024, math.ceil(8 / rarest)),
                 max(1024, CALIBRATION_FLOATS // self.dim))
-        sigmas = edm_sigma_schedule(EHRDiffSampling().steps).to(self.device)
-        was_training = self.training
-        self.eval()
-        try:
-            with tqdm(total=n, unit="patient", disable=not progress, desc="EHRDiff calibration") as bar:
-                samples = []
-                for start in range(0, n, batch_size):
-                    stop = min(start + batch_size, n)
-                    samples.append(self._continuous_samples(start, stop, CALIBRATION_SEED, None, sigmas,
-                                                            EHRDiffSampling()).numpy())
-                    bar.update(stop - start)
-        finally:
-            self.train(was_training)
-        thresholds = calibrated_thresholds(np.concatenate(samples), means)
+        chunks = self._continuous_chunks(n, CALIBRATION_SEED, None, batch_size, progress, EHRDiffSampling(),
+                                         "EHRDiff calibration")
+        thresholds = calibrated_thresholds(np.concatenate([x.numpy() for _, x in chunks]), means)
         if self.static_columns:
             thresholds[-2:] = 0.5  # sex: decoded from F and M together, not thresholded
         self.thresholds.copy_(torch.from_numpy(thresholds))
